@@ -1,0 +1,241 @@
+"""The `kvprof` command: trace | analyze | compare | export | plugins | validate.
+
+A user's mistake is one line on stderr and exit status 2, never a traceback. A plugin that
+crashes is reported with its name; the trace it wrote so far stays readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.strategy import RunContext, UsageError, parse_options
+from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
+
+DETAILS = ("step", "layer", "head")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"kvprof: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvprof: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvprof", description="Profile LLM KV-cache management strategies.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_trace(commands)
+    _add_plugins(commands)
+    _add_validate(commands)
+    from kvprof.analysis.commands import add_commands  # analyze, compare, export
+
+    add_commands(commands)
+    return parser
+
+
+# --- trace --------------------------------------------------------------------------------
+
+
+def _add_trace(commands: Any) -> None:
+    p = commands.add_parser("trace", help="run a strategy and write an Arrow trace")
+    p.add_argument("--plugin", "-p", required=True, help="strategy to run (see `kvprof plugins`)")
+    p.add_argument("--model", "-m", default="smollm2-135m", help="alias, local folder or Hugging Face id")
+    p.add_argument("--weights", choices=("auto", "real", "random"), default="auto",
+                   help="random: build the architecture with random weights (timing and memory only)")
+    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
+    defaults = WorkloadParams()
+    p.add_argument("--prompt-len", type=int, default=defaults.prompt_len, help="prompt (context) length in tokens")
+    p.add_argument("--output-len", type=int, default=defaults.output_len, help="tokens to generate per request")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--num-prompts", type=int, default=None, help="requests (default: the batch size)")
+    p.add_argument("--depth", type=float, default=defaults.depth, help="passkey depth in [0, 1]")
+    p.add_argument("--num-facts", type=int, default=defaults.num_facts)
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (serving engines)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
+    p.add_argument("--output", "-o", default=None, help="trace path (default traces/<time>-<plugin>-<model>.arrow)")
+    p.add_argument("--detail", choices=DETAILS, default="layer", help="granularity of evict/offload events")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action="store_true", help="live progress display")
+    p.add_argument("--no-sinks", action="store_true", help="attach no sinks (overhead baselines); writes no trace")
+    p.set_defaults(handler=cmd_trace)
+
+
+def parse_key_values(pairs: list[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--opt {pair!r}: expected KEY=VALUE")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def default_trace_path(plugin: str, model: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe_model = model.replace("/", "_").replace(os.sep, "_")
+    return Path("traces") / f"{stamp}-{plugin}-{safe_model}.arrow"
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from kvprof.models import resolve_model
+
+    pm = get_plugin_manager()
+    registry = Registry.collect(pm)
+    strategy_cls = registry.strategy(args.plugin)
+    options = parse_options(strategy_cls.options, parse_key_values(args.opt))
+    params = WorkloadParams(
+        prompt_len=args.prompt_len, output_len=args.output_len, batch_size=args.batch_size,
+        num_prompts=args.num_prompts or args.batch_size, depth=args.depth, num_facts=args.num_facts,
+        rate=args.rate, seed=args.seed,
+    )
+    workload = WorkloadSpec(args.workload, params)
+    workload.validate()
+    model = resolve_model(args.model, args.weights, registry.models)
+    device = args.device or default_device()
+    trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
+    plugin = registry.strategy_plugins[args.plugin]
+    run = RunInfo(
+        plugin=args.plugin, model=model.to_dict(), workload={"name": args.workload, "params": vars(params)},
+        options=options, device=device, detail=args.detail, seed=args.seed,
+        trace_path=str(trace_path) if trace_path else None, sinks_enabled=not args.no_sinks,
+        progress=args.progress, plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+    )
+    _seed_everything(args.seed)
+    profiler = Profiler(pm, run)
+    strategy = strategy_cls()
+    ctx = RunContext(model=model, workload=workload, options=options, profiler=profiler,
+                     device=device, dtype=args.dtype, detail=args.detail, seed=args.seed)
+    error: BaseException | None = None
+    try:
+        strategy.run(ctx)
+    except UsageError:
+        raise
+    except BaseException as exc:  # a plugin crash: name it, keep the trace readable
+        error = exc
+    finally:
+        profiler.end(error)
+    if error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        print(f"kvprof: plugin {plugin!r} (strategy {args.plugin}) failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        if trace_path:
+            print(f"kvprof: the events so far are in {trace_path}", file=sys.stderr)
+        if os.environ.get("KVPROF_DEBUG"):
+            raise error
+        return 1
+    if trace_path:
+        print(f"trace: {trace_path}  ({profiler.events_emitted} events, "
+              f"profiler cost {profiler.hook_ns / 1e6:.1f} ms)")
+    return 0
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+# --- plugins ------------------------------------------------------------------------------
+
+
+def _add_plugins(commands: Any) -> None:
+    p = commands.add_parser("plugins", help="list installed plugins, their hooks and strategies")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plugins)
+
+
+def describe_plugins() -> list[dict[str, Any]]:
+    pm = get_plugin_manager()
+    registry = Registry.collect(pm)
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
+        distribution, version = pm.kvprof_versions.get(name, (name, "?"))
+        rows.append({
+            "name": name, "distribution": distribution, "version": version,
+            "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+            "strategies": sorted(s for s, p in registry.strategy_plugins.items() if p == name),
+        })
+    for failure in pm.kvprof_failures:
+        rows.append({"name": failure.name, "error": failure.error})
+    return rows
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    rows = describe_plugins()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kvprof plugins")
+    for column in ("plugin", "version", "strategies", "hooks"):
+        table.add_column(column)
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["name"], "[red]failed[/]", "", f"[red]{row['error']}[/]")
+        else:
+            table.add_row(row["name"], f"{row['distribution']} {row['version']}",
+                          ", ".join(row["strategies"]), ", ".join(row["hooks"]))
+    Console().print(table)
+    return 0
+
+
+# --- validate -----------------------------------------------------------------------------
+
+
+def _add_validate(commands: Any) -> None:
+    p = commands.add_parser("validate", help="check traces against the published schema")
+    p.add_argument("traces", nargs="+")
+    p.set_defaults(handler=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from kvprof.trace.validate import validate_trace
+
+    worst = 0
+    for path in args.traces:
+        problems, warnings = validate_trace(path)
+        for warning in warnings:
+            print(f"warning: {warning}")
+        for problem in problems:
+            print(f"{path}: {problem}")
+        print(f"{path}: {'INVALID' if problems else 'valid'}")
+        worst = max(worst, 1 if problems else 0)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

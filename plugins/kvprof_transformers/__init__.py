@@ -1,0 +1,1 @@
+"""kvprof's transformers runner and its baseline strategies, `full` and `offload`."""

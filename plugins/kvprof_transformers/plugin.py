@@ -1,0 +1,54 @@
+"""Registers the transformers-runner strategies: `full` (and `offload`, see offload.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kvprof.hookspecs import hookimpl
+from kvprof.strategy import RunContext, Strategy
+
+from kvprof_transformers.loading import LoadedModel, load_model
+from kvprof_transformers.runner import CachePolicy, Runner
+
+
+class TransformersStrategy(Strategy):
+    """A strategy that runs on the transformers runner: subclasses supply the CachePolicy.
+
+    `run` loads the model, builds the workload with its tokenizer, records both in the run's
+    metadata, starts the profiler and runs the requests in batches of the workload's batch size.
+    """
+
+    attn_implementation = "sdpa"
+
+    def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext) -> None:
+        loaded = load_model(ctx.model, ctx.device, ctx.dtype, self.attn_implementation)
+        policy = self.make_policy(loaded, ctx.options)
+        vocab = loaded.config.get_text_config().vocab_size
+        workload = ctx.workload.build(loaded.encode, loaded.chat_wrapping(), vocab_size=vocab)
+        run = ctx.profiler.run
+        run.workload = workload.describe()
+        run.deviations = self.describe_deviations()
+        run.extra.update(
+            weights_bytes=loaded.weights_bytes(), dtype=str(loaded.dtype).removeprefix("torch."),
+            attn_implementation=self.attn_implementation, policy=policy.name,
+            architecture=loaded.config.to_dict().get("architectures"),
+            num_layers=loaded.config.get_text_config().num_hidden_layers,
+        )
+        ctx.profiler.start()
+        Runner(loaded, policy, ctx.profiler, detail=ctx.detail).run(workload.requests, ctx.workload.params.batch_size)
+
+
+class FullStrategy(TransformersStrategy):
+    name = "full"
+    description = "all KV on the device (transformers DynamicCache): the accuracy and speed baseline"
+
+    def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
+        return CachePolicy()
+
+
+@hookimpl
+def kvprof_register_strategies(register: Callable[[type], None]) -> None:
+    register(FullStrategy)
