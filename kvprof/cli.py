@@ -71,6 +71,8 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="live progress display")
+    p.add_argument("--flush-s", type=float, default=1.0,
+                   help="write a record batch at least this often (a killed run loses at most this much)")
     p.add_argument("--no-sinks", action="store_true", help="attach no sinks (overhead baselines); writes no trace")
     p.set_defaults(handler=cmd_trace)
 
@@ -122,7 +124,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         plugin=args.plugin, model=model.to_dict(), workload={"name": args.workload, "params": vars(params)},
         options=options, device=device, detail=args.detail, seed=args.seed,
         trace_path=str(trace_path) if trace_path else None, sinks_enabled=not args.no_sinks,
-        progress=args.progress, plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+        progress=args.progress, flush_s=args.flush_s, plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
     )
     _seed_everything(args.seed)
     profiler = Profiler(pm, run)

@@ -139,6 +139,7 @@ class RunInfo:
     seed: int = 0
     trace_path: str | None = None
     sinks_enabled: bool = True
+    flush_s: float = 1.0          # the trace writer's longest wait between record batches
     progress: bool = False
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     command: list[str] = field(default_factory=lambda: list(sys.argv))

@@ -22,7 +22,7 @@ from kvprof.trace.writer import ArrowTraceWriter
 def kvprof_make_sinks(run: RunInfo, profiler: Profiler) -> list[Any]:
     sinks: list[Any] = []
     if run.trace_path:
-        sinks.append(ArrowTraceWriter(run.trace_path, run.to_dict()))
+        sinks.append(ArrowTraceWriter(run.trace_path, run.to_dict(), flush_s=run.flush_s))
     if run.progress:
         sinks.append(ProgressDisplay())
     if run.device.startswith("cuda"):

@@ -184,6 +184,9 @@ class Runner:
         next_ids = self._forward(batch, cache, batch.input_ids, position_ids)
         self.policy.after_prefill(batch, cache)
         end = self.clock.now_synced()
+        self._record_tokens(batch, next_ids, end)
+        if not self.profiler.enabled:  # overhead baseline: no measuring work at all
+            return next_ids
         kv = self.policy.kv_bytes(cache)
         for row, request in enumerate(batch.requests):
             self.profiler.emit_prefill(
@@ -192,7 +195,6 @@ class Runner:
                 aux_device_bytes=kv.aux_device,
                 ext={"prompt_tokens": float(batch.prompt_lens[row]), "pad_tokens": float(batch.pad_lens[row])},
             )
-        self._record_tokens(batch, next_ids, end)
         self._sample(end)
         return next_ids
 
@@ -207,12 +209,14 @@ class Runner:
         self.policy.after_step(batch, cache)
         end = self.clock.now_synced()
         batch.next_positions = batch.next_positions + 1
+        self._record_tokens(batch, next_ids, end)
+        if not self.profiler.enabled:
+            return next_ids
         kv = self.policy.kv_bytes(cache)
         self.profiler.emit_decode_step(
             start, end, step=batch.step, batch_size=active, tokens=active,
             kv_device_bytes=kv.device, kv_host_bytes=kv.host, aux_device_bytes=kv.aux_device,
         )
-        self._record_tokens(batch, next_ids, end)
         if (batch.step + 1) % self.sample_every == 0:
             self._sample(end)
         return next_ids

@@ -1,0 +1,108 @@
+"""The CLI's contract with users: one clear line and exit 2 for their mistakes, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvprof.hookspecs import hookimpl
+
+KVPROF = [sys.executable, "-m", "kvprof.cli"]
+
+
+def kvprof(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*KVPROF, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_plugin_names_the_installed_ones():
+    assert_usage_error(kvprof("trace", "--plugin", "nope"), "unknown plugin 'nope'", "full")
+
+
+def test_alias_without_local_weights_names_weights_random(tmp_path, monkeypatch):
+    result = kvprof("trace", "--plugin", "full", "--model", "llama-3-8b")
+    assert_usage_error(result, "--weights random")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prompt-len", "-5"], "prompt_len"),
+    (["--depth", "2"], "depth"),
+    (["--opt", "nonsense=1"], "unknown option"),
+    (["--opt", "novalue"], "KEY=VALUE"),
+])
+def test_invalid_workload_or_options(args, needle):
+    result = kvprof("trace", "--plugin", "full", "--model", "tiny-llama", "--weights", "random", *args)
+    assert_usage_error(result, needle)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "no such trace file"),
+    (b"", "empty file"),
+    (b"garbage garbage", "not an Arrow IPC stream"),
+])
+def test_bad_trace_files(tmp_path, content, needle):
+    path = tmp_path / "bad.arrow"
+    if content is not None:
+        path.write_bytes(content)
+    assert_usage_error(kvprof("analyze", str(path)), needle)
+
+
+def test_plugins_lists_the_builtin_strategies_as_json():
+    result = kvprof("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    strategies = {s for row in rows for s in row.get("strategies", [])}
+    assert {"full"} <= strategies
+    transformers_row = next(row for row in rows if row["name"] == "transformers")
+    assert transformers_row["version"] != "?"
+    assert "kvprof_register_strategies" in transformers_row["hooks"]
+
+
+class CrashingStrategy:
+    """A strategy that reports a prefill, then fails the way a buggy plugin would."""
+
+    name = "crashes"
+    description = "fails after its first event"
+    options = ()
+
+    def run(self, ctx):
+        ctx.profiler.start()
+        ctx.profiler.emit_prefill(1, 2, request_id="req-0", tokens=3)
+        raise RuntimeError("boom inside the plugin")
+
+
+class CrashingPlugin:
+    @hookimpl
+    def kvprof_register_strategies(self, register):
+        register(CrashingStrategy)
+
+
+def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monkeypatch, capsys):
+    from kvprof import cli
+    from kvprof.profiler import get_plugin_manager
+    from kvprof.trace import read_trace
+
+    def manager_with_crashing_plugin():
+        pm = get_plugin_manager()
+        pm.register(CrashingPlugin(), name="crashing-plugin")
+        return pm
+
+    monkeypatch.setattr(cli, "get_plugin_manager", manager_with_crashing_plugin)
+    path = tmp_path / "crash.arrow"
+    status = cli.main(["trace", "--plugin", "crashes", "--model", "tiny-llama", "--weights", "random",
+                       "-o", str(path)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "crashing-plugin" in err and "boom inside the plugin" in err and "Traceback" not in err
+    trace = read_trace(path)
+    assert trace.table["kind"].cast("string").to_pylist() == ["run_start", "prefill", "run_end"]
+    assert any("failed" in warning for warning in trace.warnings)
