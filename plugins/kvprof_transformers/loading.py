@@ -56,6 +56,9 @@ def load_model(spec: ModelSpec, device: str, dtype: str = "auto", attn_implement
     """The model on `device`, in eval mode, with its tokenizer; random weights when asked."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that is not there
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # kvprof has its own progress display
 
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
