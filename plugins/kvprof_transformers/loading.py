@@ -75,4 +75,5 @@ def load_model(spec: ModelSpec, device: str, dtype: str = "auto", attn_implement
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
-    return LoadedModel(model, tokenizer, torch_device, torch_dtype)
+    # The parameters' device has its index ("cuda:0"), so tensors compare equal to it.
+    return LoadedModel(model, tokenizer, next(model.parameters()).device, torch_dtype)
