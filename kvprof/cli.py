@@ -189,7 +189,7 @@ def describe_plugins() -> list[dict[str, Any]]:
             "strategies": sorted(s for s, p in registry.strategy_plugins.items() if p == name),
         })
     for failure in pm.kvprof_failures:
-        rows.append({"name": failure.name, "error": failure.error})
+        rows.append({"name": failure.name, "distribution": failure.distribution, "error": failure.error})
     return rows
 
 
@@ -202,15 +202,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="kvprof plugins")
-    for column in ("plugin", "version", "strategies", "hooks"):
+    for column in ("plugin", "version", "strategies", "hooks (kvprof_*)"):
         table.add_column(column)
-    for row in rows:
-        if "error" in row:
-            table.add_row(row["name"], "[red]failed[/]", "", f"[red]{row['error']}[/]")
-        else:
-            table.add_row(row["name"], f"{row['distribution']} {row['version']}",
-                          ", ".join(row["strategies"]), ", ".join(row["hooks"]))
-    Console().print(table)
+    loaded = [row for row in rows if "error" not in row]
+    for row in loaded:
+        table.add_row(row["name"], f"{row['distribution']} {row['version']}", ", ".join(row["strategies"]),
+                      ", ".join(hook.removeprefix("kvprof_") for hook in row["hooks"]))
+    console = Console()
+    console.print(table)
+    for row in rows[len(loaded):]:  # failures come last; one line each, the error in full
+        source = f" ({row['distribution']})" if row["distribution"] else ""
+        console.print(f"[red]failed[/] {row['name']}{source}: {row['error']}", highlight=False)
     return 0
 
 

@@ -4,7 +4,7 @@ kvprof uses pluggy (the plugin system of pytest). A plugin is a module or object
 named like the hooks below and decorated with `kvprof.hookimpl`; pluggy passes only the
 arguments an implementation names, so a hook may gain arguments without breaking plugins.
 Plugins are found through the entry-point group `kvprof` (the built-ins register exactly so);
-`KVPROF_PLUGINS=name,name` restricts which load.
+`KVPROF_PLUGINS=name,name` restricts which load (an empty value loads none).
 
 Two families:
 
@@ -16,7 +16,8 @@ Two families:
 
       run_start
         prefill (one per request)              ─┐ repeated per batch of requests
-        decode_step*  with evict*, offload*, phase*, sample* interleaved in time order
+        decode_step*  each emitted after its own step's evict*, offload*, phase* events;
+                      sample* at any time
         request_end (one per request)          ─┘
       run_end (always, also after a crash; `error` says so)
 

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from importlib import metadata
 from typing import Any, Callable
 
@@ -30,8 +31,11 @@ PLUGINS_ENV = "KVPROF_PLUGINS"  # comma-separated plugin names to load; unset = 
 
 @dataclass
 class PluginFailure:
+    """A plugin that was skipped, and why (`kvprof plugins` lists these)."""
+
     name: str
     error: str
+    distribution: str | None = None   # the installed package that provides it, when known
 
 
 def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -50,12 +54,17 @@ def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    # Unset: load every plugin; "a,b": only those; "": none (as DATASETTE_LOAD_PLUGINS).
     wanted = os.environ.get(PLUGINS_ENV)
-    allowed = {name.strip() for name in wanted.split(",") if name.strip()} if wanted else None
+    allowed = {name.strip() for name in wanted.split(",") if name.strip()} if wanted is not None else None
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if allowed is not None and ep.name not in allowed:
             continue
+        dist = getattr(ep, "dist", None)
         if pm.get_plugin(ep.name) is not None:
+            pm.kvprof_failures.append(PluginFailure(
+                ep.name, f"another installed plugin is already named {ep.name!r}; this one is not loaded",
+                dist and dist.name))
             continue
         try:
             plugin = ep.load()
@@ -64,10 +73,13 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         except Exception as exc:  # a broken plugin is reported, not fatal
             if pm.get_plugin(ep.name) is not None:
                 pm.unregister(name=ep.name)
-            pm.kvprof_failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}"))
+            pm.kvprof_failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}", dist and dist.name))
             continue
-        if dist := getattr(ep, "dist", None):
+        if dist:
             pm.kvprof_versions[ep.name] = (dist.name, dist.version)
+    found = {name for name, _ in pm.list_name_plugin()} | {failure.name for failure in pm.kvprof_failures}
+    for name in sorted((allowed or set()) - found):
+        pm.kvprof_failures.append(PluginFailure(name, f"{PLUGINS_ENV} names it, but no installed plugin has it"))
 
 
 @dataclass
@@ -96,12 +108,28 @@ class Registry:
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        """Call every plugin's registration hooks. A plugin whose hook raises is unregistered
+        and recorded in `pm.kvprof_failures`, as one that fails to load; a name registered
+        twice is the user's to resolve (UsageError)."""
         registry = cls()
-        for impl in pm.hook.kvprof_register_strategies.get_hookimpls():
-            plugin_name = pm.get_name(impl.plugin) or "?"
-            impl.function(register=lambda strategy, _p=plugin_name: registry._add_strategy(strategy, _p))
-        pm.hook.kvprof_register_models(register=registry._add_model)
-        pm.hook.kvprof_register_analyses(register=registry._add_analysis)
+        hooks = (
+            (pm.hook.kvprof_register_strategies, registry._add_strategy),
+            (pm.hook.kvprof_register_models, registry._add_model),
+            (pm.hook.kvprof_register_analyses, registry._add_analysis),
+        )
+        for hook, add in hooks:
+            for impl in reversed(hook.get_hookimpls()):  # pluggy's call order
+                plugin_name = pm.get_name(impl.plugin) or "?"
+                register = partial(add, plugin=plugin_name) if add == registry._add_strategy else add
+                try:
+                    impl.function(register=register)
+                except UsageError:
+                    raise
+                except Exception as exc:  # one broken plugin must not stop the others
+                    pm.unregister(impl.plugin)
+                    distribution = getattr(pm, "kvprof_versions", {}).get(plugin_name, (None,))[0]
+                    error = f"{hook.name} raised {type(exc).__name__}: {exc}"
+                    getattr(pm, "kvprof_failures", []).append(PluginFailure(plugin_name, error, distribution))
         return registry
 
     def _add_strategy(self, strategy: type[Strategy], plugin: str) -> None:

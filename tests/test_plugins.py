@@ -1,0 +1,187 @@
+"""Plugin loading: `kvprof plugins`, KVPROF_PLUGINS, broken plugins, and the hook reference.
+
+Third-party plugins are installed for real: each test writes a distribution's metadata
+(`*.dist-info` with its `entry_points.txt`) and its modules into a folder put on sys.path, which
+is all importlib.metadata needs to find an installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvprof.cli import main
+from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.testing import conformance, hookref
+from kvprof.trace import read_trace
+
+CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
+
+GOOD = '''
+from kvprof.hookspecs import hookimpl
+from kvprof.strategy import Strategy
+
+
+class Noop(Strategy):
+    name = "noop"
+
+
+@hookimpl
+def kvprof_register_strategies(register):
+    register(Noop)
+'''
+IMPORT_ERROR = "import a_module_nobody_installed\n"
+BAD_SIGNATURE = '''
+from kvprof.hookspecs import hookimpl
+
+
+@hookimpl
+def kvprof_register_strategies(register, budget):
+    pass
+'''
+UNKNOWN_HOOK = '''
+from kvprof.hookspecs import hookimpl
+
+
+@hookimpl
+def kvprof_on_step(event):
+    pass
+'''
+RAISES_AT_REGISTRATION = '''
+from kvprof.hookspecs import hookimpl
+
+
+@hookimpl
+def kvprof_register_models(register):
+    raise FileNotFoundError("configs/model.json")
+'''
+PLUGINS = {"good": GOOD, "import_error": IMPORT_ERROR, "bad_signature": BAD_SIGNATURE,
+           "unknown_hook": UNKNOWN_HOOK, "raises": RAISES_AT_REGISTRATION}
+
+
+def install(site: Path, distribution: str, version: str, modules: dict[str, str],
+            entry_points: dict[str, str]) -> None:
+    """Installs a distribution into `site` (a folder on sys.path): its modules, its metadata
+    and its `kvprof` entry points (plugin name -> module)."""
+    info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    lines = [f"{name} = {module}" for name, module in entry_points.items()]
+    (info / "entry_points.txt").write_text("[kvprof]\n" + "\n".join(lines) + "\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A folder on sys.path to install distributions into; their modules are forgotten after."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    installed_here = [name for name, module in sys.modules.items()
+                      if str(getattr(module, "__file__", "")).startswith(str(folder))]
+    for name in installed_here:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def installed(site: Path) -> Path:
+    """`kvprof-fakes` 0.3, one plugin per entry of PLUGINS."""
+    install(site, "kvprof-fakes", "0.3", {f"kvprof_fake_{name}": source for name, source in PLUGINS.items()},
+            {name: f"kvprof_fake_{name}" for name in PLUGINS})
+    return site
+
+
+def failures(pm) -> dict[str, str]:
+    return {failure.name: failure.error for failure in pm.kvprof_failures}
+
+
+def test_broken_plugins_are_reported_by_name_and_the_others_load(installed: Path) -> None:
+    pm = get_plugin_manager()
+    registry = Registry.collect(pm)
+    errors = failures(pm)
+    assert errors["import_error"] == "ModuleNotFoundError: No module named 'a_module_nobody_installed'"
+    assert "Argument(s) {'budget'} are declared in the hookimpl but can not be found in the hookspec" \
+        in errors["bad_signature"]
+    assert "unknown hook 'kvprof_on_step'" in errors["unknown_hook"]
+    assert errors["raises"] == "kvprof_register_models raised FileNotFoundError: configs/model.json"
+    assert {failure.distribution for failure in pm.kvprof_failures} == {"kvprof-fakes"}
+    loaded = {name for name, _ in pm.list_name_plugin()}
+    assert "good" in loaded and not loaded & set(errors)
+    assert pm.kvprof_versions["good"] == ("kvprof-fakes", "0.3")
+    assert registry.strategy_plugins["noop"] == "good"
+    assert {"full", "streamingllm"} <= set(registry.strategies)  # built-in and third-party alike
+    assert "tiny-llama" in registry.models  # the broken models plugin did not stop the built-in one
+
+
+def test_kvprof_plugins_lists_name_version_hooks_and_strategies(installed: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["streamingllm"] == {
+        "name": "streamingllm", "distribution": "kvprof-streamingllm", "version": "0.1.0",
+        "hooks": ["kvprof_register_strategies"], "strategies": ["streamingllm"],
+    }
+    assert rows["good"]["version"] == "0.3" and rows["good"]["strategies"] == ["noop"]
+    assert rows["import_error"] == {
+        "name": "import_error", "distribution": "kvprof-fakes",
+        "error": "ModuleNotFoundError: No module named 'a_module_nobody_installed'",
+    }
+    assert main(["plugins"]) == 0
+    table = capsys.readouterr().out
+    assert "streamingllm" in table and "register_strategies" in table
+    assert "failed import_error (kvprof-fakes): ModuleNotFoundError: No module named" in table
+
+
+def test_kvprof_plugins_env_restricts_what_loads(installed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVPROF_PLUGINS", "sinks, streamingllm,good,typo")
+    pm = get_plugin_manager()
+    assert {name for name, _ in pm.list_name_plugin()} == {"sinks", "streamingllm", "good"}
+    assert failures(pm) == {"typo": "KVPROF_PLUGINS names it, but no installed plugin has it"}
+    monkeypatch.setenv("KVPROF_PLUGINS", "")
+    pm = get_plugin_manager()
+    assert pm.list_name_plugin() == [] and pm.kvprof_failures == []
+
+
+def test_a_plugin_name_taken_twice_is_reported(site: Path) -> None:
+    install(site, "kvprof-rival", "1.0", {}, {"sinks": "kvprof.sinks"})
+    pm = get_plugin_manager()
+    assert failures(pm)["sinks"] == "another installed plugin is already named 'sinks'; this one is not loaded"
+
+
+def test_the_hook_reference_in_contributing_is_current() -> None:
+    text = CONTRIBUTING.read_text()
+    assert hookref.replace_section(text, hookref.render()) == text, (
+        "CONTRIBUTING.md's hook reference is stale: run `python -m kvprof.testing.hookref --write CONTRIBUTING.md`")
+
+
+def test_the_hook_reference_covers_every_hook() -> None:
+    from kvprof import hookspecs
+
+    reference = hookref.render()
+    hooks = [name for name in vars(hookspecs) if name.startswith("kvprof_")]
+    assert hooks and all(f"#### `{name}(" in reference for name in hooks)
+    assert reference.index("### Registration hooks") < reference.index("### Event hooks")
+
+
+def test_the_sink_and_analysis_examples_of_contributing_work(site: Path, tmp_path: Path) -> None:
+    text = CONTRIBUTING.read_text()
+    examples = dict(re.findall(r"```python\n# file: (\w+)\.py\n(.*?)```", text, re.S))
+    assert set(examples) == {"kvprof_evictionlog", "kvprof_overbudget"}
+    install(site, "kvprof-examples", "1.0", examples,
+            {"evictionlog": "kvprof_evictionlog", "overbudget": "kvprof_overbudget"})
+
+    report = conformance.check_strategy("streamingllm", {"recent_tokens": 32}, trace_dir=tmp_path)
+    assert report.ok, report.format()
+    assert report.analyses["over_budget"] == "ok"
+    log = report.trace_path.with_name(report.trace_path.name + ".evictions.jsonl").read_text().splitlines()
+    assert len(log) == report.counts["evict"]
+    assert json.loads(log[0])["reason"] == "streamingllm"
+    over_budget = Registry.collect(get_plugin_manager()).analyses["over_budget"].function
+    result = over_budget(read_trace(report.trace_path), budget_bytes=0)
+    assert result["steps_over_budget"] == result["steps"] == report.counts["decode_step"]
