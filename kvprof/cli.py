@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
-from kvprof.strategy import RunContext, UsageError, parse_options
+from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.session import TraceSettings, run_trace
+from kvprof.strategy import UsageError
 from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
 
 DETAILS = ("step", "layer", "head")
@@ -93,79 +94,35 @@ def default_trace_path(plugin: str, model: str) -> Path:
     return Path("traces") / f"{stamp}-{plugin}-{safe_model}.arrow"
 
 
-def default_device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
-    from kvprof.models import resolve_model
-
-    pm = get_plugin_manager()
-    registry = Registry.collect(pm)
-    strategy_cls = registry.strategy(args.plugin)
-    options = parse_options(strategy_cls.options, parse_key_values(args.opt))
     params = WorkloadParams(
         prompt_len=args.prompt_len, output_len=args.output_len, batch_size=args.batch_size,
         num_prompts=args.num_prompts or args.batch_size, depth=args.depth, num_facts=args.num_facts,
         rate=args.rate, seed=args.seed,
     )
-    workload = WorkloadSpec(args.workload, params)
-    workload.validate()
-    model = resolve_model(args.model, args.weights, registry.models)
-    device = args.device or default_device()
     trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
-    plugin = registry.strategy_plugins[args.plugin]
-    run = RunInfo(
-        plugin=args.plugin, model=model.to_dict(), workload={"name": args.workload, "params": vars(params)},
-        options=options, device=device, detail=args.detail, seed=args.seed,
-        trace_path=str(trace_path) if trace_path else None, sinks_enabled=not args.no_sinks,
-        progress=args.progress, flush_s=args.flush_s, plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+    settings = TraceSettings(
+        plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
+        options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
+        seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks, progress=args.progress,
+        flush_s=args.flush_s,
     )
-    _seed_everything(args.seed)
-    profiler = Profiler(pm, run)
-    strategy = strategy_cls()
-    ctx = RunContext(model=model, workload=workload, options=options, profiler=profiler,
-                     device=device, dtype=args.dtype, detail=args.detail, seed=args.seed)
-    error: BaseException | None = None
-    try:
-        strategy.run(ctx)
-    except UsageError:
-        raise
-    except BaseException as exc:  # a plugin crash: name it, keep the trace readable
-        error = exc
-    finally:
-        profiler.end(error)
+    outcome = run_trace(settings)
+    error = outcome.error
     if error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            raise error
-        print(f"kvprof: plugin {plugin!r} (strategy {args.plugin}) failed: {type(error).__name__}: {error}",
-              file=sys.stderr)
         if trace_path:
             print(f"kvprof: the events so far are in {trace_path}", file=sys.stderr)
+        if isinstance(error, UsageError):
+            raise error
+        print(f"kvprof: plugin {outcome.plugin!r} (strategy {args.plugin}) failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
         if os.environ.get("KVPROF_DEBUG"):
             raise error
         return 1
     if trace_path:
-        print(f"trace: {trace_path}  ({profiler.events_emitted} events, "
-              f"profiler cost {profiler.hook_ns / 1e6:.1f} ms)")
+        print(f"trace: {trace_path}  ({outcome.profiler.events_emitted} events, "
+              f"profiler cost {outcome.profiler.hook_ns / 1e6:.1f} ms)")
     return 0
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
 
 
 # --- plugins ------------------------------------------------------------------------------

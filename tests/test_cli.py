@@ -87,7 +87,7 @@ class CrashingPlugin:
 
 
 def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monkeypatch, capsys):
-    from kvprof import cli
+    from kvprof import cli, session
     from kvprof.profiler import get_plugin_manager
     from kvprof.trace import read_trace
 
@@ -96,7 +96,7 @@ def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monke
         pm.register(CrashingPlugin(), name="crashing-plugin")
         return pm
 
-    monkeypatch.setattr(cli, "get_plugin_manager", manager_with_crashing_plugin)
+    monkeypatch.setattr(session, "get_plugin_manager", manager_with_crashing_plugin)
     path = tmp_path / "crash.arrow"
     status = cli.main(["trace", "--plugin", "crashes", "--model", "tiny-llama", "--weights", "random",
                        "-o", str(path)])

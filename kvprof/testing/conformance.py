@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
-from kvprof.strategy import RunContext, Strategy, UsageError, parse_options
+from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.session import TraceSettings, run_trace
+from kvprof.strategy import Strategy, UsageError
 from kvprof.testing.checks import Problem, run_checks
 from kvprof.trace import Trace, read_trace
 from kvprof.trace.validate import validate_trace
@@ -112,10 +113,13 @@ def check_strategy(
     """
     params = params or WorkloadParams(prompt_len=128, output_len=8, batch_size=2, num_prompts=2)
     trace_dir = Path(trace_dir) if trace_dir is not None else Path(tempfile.mkdtemp(prefix="kvprof-conformance-"))
-    strategy_cls, plugin = _resolve(strategy)
+    pm = get_plugin_manager()
+    strategy_cls = Registry.collect(pm).strategy(strategy) if isinstance(strategy, str) else strategy
     trace_path = trace_dir / f"{strategy_cls.name}-{detail}.arrow"
-    error = run_strategy(strategy_cls, trace_path, options or {}, model=model, weights=weights, workload=workload,
-                         params=params, detail=detail, device=device, plugin=plugin)
+    settings = TraceSettings(plugin=strategy_cls.name, model=model, weights=weights,
+                             workload=WorkloadSpec(workload, params), options=options or {}, device=device,
+                             detail=detail, seed=params.seed, trace_path=trace_path)
+    error = run_trace(settings, pm, strategy_cls).error
     report = check_trace(trace_path)
     if error is not None:
         report.problems.insert(0, Problem("run", f"strategy {strategy_cls.name!r} raised "
@@ -123,40 +127,3 @@ def check_strategy(
     return report
 
 
-def _resolve(strategy: str | type[Strategy]) -> tuple[type[Strategy], str]:
-    """The strategy class and the plugin that registered it (the class's module otherwise)."""
-    if isinstance(strategy, str):
-        registry = Registry.collect(get_plugin_manager())
-        return registry.strategy(strategy), registry.strategy_plugins[strategy]
-    return strategy, strategy.__module__
-
-
-def run_strategy(strategy_cls: type[Strategy], trace_path: Path, options: dict[str, Any], *, model: str,
-                 weights: str, workload: str, params: WorkloadParams, detail: str, device: str,
-                 plugin: str) -> BaseException | None:
-    """Run one strategy as `kvprof trace` does and write its trace; returns what it raised."""
-    from kvprof.cli import _seed_everything
-    from kvprof.models import resolve_model
-
-    pm = get_plugin_manager()
-    registry = Registry.collect(pm)
-    options = parse_options(strategy_cls.options, {key: str(value) for key, value in options.items()})
-    spec = WorkloadSpec(workload, params)
-    spec.validate()
-    resolved = resolve_model(model, weights, registry.models)
-    run = RunInfo(plugin=strategy_cls.name, model=resolved.to_dict(),
-                  workload={"name": workload, "params": vars(params)}, options=options, device=device,
-                  detail=detail, seed=params.seed, trace_path=str(trace_path),
-                  plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))))
-    _seed_everything(params.seed)
-    profiler = Profiler(pm, run)
-    context = RunContext(model=resolved, workload=spec, options=options, profiler=profiler, device=device,
-                         detail=detail, seed=params.seed)
-    error: BaseException | None = None
-    try:
-        strategy_cls().run(context)
-    except Exception as exc:  # recorded as a problem; the trace so far is still checked
-        error = exc
-    finally:
-        profiler.end(error)
-    return error

@@ -1,0 +1,104 @@
+"""Running one strategy end to end: what `kvprof trace` does, as one function that the CLI,
+the conformance kit and the benchmarks share."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from kvprof.models import EMBEDDED, resolve_model
+from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.strategy import RunContext, Strategy, parse_options
+from kvprof.workloads import WorkloadSpec
+
+
+@dataclass
+class TraceSettings:
+    """Everything `kvprof trace` takes; `options` are the raw `--opt` strings."""
+
+    plugin: str
+    model: str = EMBEDDED
+    weights: str = "auto"
+    workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec("synthetic"))
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str = "auto"
+    detail: str = "layer"
+    seed: int = 0
+    trace_path: Path | None = None
+    sinks_enabled: bool = True
+    progress: bool = False
+    flush_s: float = 1.0
+
+
+@dataclass
+class RunOutcome:
+    run: RunInfo
+    profiler: Profiler
+    plugin: str                          # the plugin that registered the strategy
+    error: BaseException | None = None   # what the strategy raised; its trace is still complete
+
+
+def default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
+              strategy_cls: type[Strategy] | None = None) -> RunOutcome:
+    """Validate the settings, run the strategy and close its trace.
+
+    A user's mistake found before the run raises UsageError. Anything the strategy raises
+    (a UsageError too, e.g. an engine that cannot start) is returned in `error` after the trace
+    got its run_end, so the events so far stay readable; KeyboardInterrupt is re-raised then.
+    """
+    pm = pm or get_plugin_manager()
+    registry = Registry.collect(pm)
+    if strategy_cls is None:
+        strategy_cls = registry.strategy(settings.plugin)
+    plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
+    options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
+    settings.workload.validate()
+    model = resolve_model(settings.model, settings.weights, registry.models)
+    device = settings.device or default_device()
+    params = settings.workload.params
+    run = RunInfo(
+        plugin=strategy_cls.name, model=model.to_dict(),
+        workload={"name": settings.workload.name, "params": vars(params)}, options=options, device=device,
+        detail=settings.detail, seed=settings.seed,
+        trace_path=str(settings.trace_path) if settings.trace_path else None,
+        sinks_enabled=settings.sinks_enabled, progress=settings.progress, flush_s=settings.flush_s,
+        plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+    )
+    seed_everything(settings.seed)
+    profiler = Profiler(pm, run)
+    context = RunContext(model=model, workload=settings.workload, options=options, profiler=profiler,
+                         device=device, dtype=settings.dtype, detail=settings.detail, seed=settings.seed)
+    outcome = RunOutcome(run, profiler, plugin)
+    try:
+        strategy_cls().run(context)
+    except BaseException as exc:  # a plugin crash: recorded, and the trace stays readable
+        outcome.error = exc
+    finally:
+        profiler.end(outcome.error)
+    if isinstance(outcome.error, KeyboardInterrupt):
+        raise outcome.error
+    return outcome
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
