@@ -110,12 +110,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     outcome = run_trace(settings)
     error = outcome.error
     if error is not None:
-        if trace_path:
-            print(f"kvprof: the events so far are in {trace_path}", file=sys.stderr)
+        where = f" (the events so far are in {trace_path})" if trace_path else ""
         if isinstance(error, UsageError):
-            raise error
-        print(f"kvprof: plugin {outcome.plugin!r} (strategy {args.plugin}) failed: {type(error).__name__}: {error}",
-              file=sys.stderr)
+            raise UsageError(f"{error}{where}") from None
+        print(f"kvprof: plugin {outcome.plugin!r} (strategy {args.plugin}) failed: "
+              f"{type(error).__name__}: {error}{where}", file=sys.stderr)
         if os.environ.get("KVPROF_DEBUG"):
             raise error
         return 1

@@ -1,0 +1,81 @@
+"""Registers the `h2o` strategy: H2O heavy-hitter eviction on the transformers runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kvprof.hookspecs import hookimpl
+from kvprof.strategy import Option, UsageError, in_range, non_negative
+from kvprof_transformers.loading import LoadedModel
+from kvprof_transformers.plugin import TransformersStrategy
+
+from kvprof_h2o import attention
+from kvprof_h2o.policy import Budget, H2OPolicy
+
+
+def _layer_list(value: str) -> str | None:
+    try:
+        parse_layers(value)
+    except ValueError:
+        return "expected comma-separated layer indices, e.g. 0,1"
+    return None
+
+
+def parse_layers(value: str) -> frozenset[int]:
+    """"0, 1" -> {0, 1}; "" -> {}. Raises ValueError for anything else."""
+    layers = frozenset(int(part) for part in value.split(",") if part.strip())
+    if any(layer < 0 for layer in layers):
+        raise ValueError(value)
+    return layers
+
+
+class H2OStrategy(TransformersStrategy):
+    name = "h2o"
+    description = ("H2O (Zhang et al., NeurIPS'23): per layer and KV head, keep the most-attended "
+                   "(heavy hitter) and the most recent tokens; evict the rest")
+    options = (
+        Option("heavy_ratio", 0.1, "heavy-hitter budget, a fraction of each prompt (paper: 0.1)",
+               check=in_range(0.0, 1.0)),
+        Option("recent_ratio", 0.1, "recent-window budget, a fraction of each prompt (paper: 0.1)",
+               check=in_range(0.0, 1.0)),
+        Option("heavy_tokens", None, "heavy-hitter budget in tokens; replaces heavy_ratio (heavy + recent may "
+               "exceed the prompt, up to prompt + output - 1: eviction then starts during decoding)", kind=int,
+               check=non_negative),
+        Option("recent_tokens", None, "recent-window budget in tokens; replaces recent_ratio", kind=int,
+               check=non_negative),
+        Option("exempt_layers", "", "comma-separated layers that keep their whole cache "
+               "(InfiniGen's H2O baseline exempts 0,1; the authors' HF code none)", check=_layer_list),
+    )
+
+    def make_policy(self, loaded: LoadedModel, options: dict[str, Any]) -> H2OPolicy:
+        values = {opt.name: opt.default for opt in self.options} | dict(options)
+        budget = Budget(values["heavy_ratio"], values["recent_ratio"], values["heavy_tokens"], values["recent_tokens"])
+        budget.check()
+        num_layers = loaded.config.get_text_config().num_hidden_layers
+        exempt = parse_layers(values["exempt_layers"])
+        if any(layer >= num_layers for layer in exempt):
+            raise UsageError(f"h2o: exempt_layers={values['exempt_layers']!r}: the model has layers 0..{num_layers - 1}")
+        previous = attention.install(loaded.model)
+        # Recorded in the trace's run metadata: the attention that actually ran.
+        self.attn_implementation = attention.ATTENTION_NAME
+        return H2OPolicy(budget, exempt, previous)
+
+    def describe_deviations(self) -> list[str]:
+        return [
+            "scores are kept per sequence; the authors' code sums them over the batch (it assumes batch size 1)",
+            ("grouped-query attention: a KV head's score is the sum of its query heads' scores, and each KV head "
+             "chooses its own tokens (the authors' code handles multi-head attention only)"),
+            ("batches mix prompt lengths: each sequence has its own budget from its own prompt; the cache tensor "
+             "is as long as the largest budget and the shorter sequences' extra slots are empty and masked "
+             "(counted in the measured KV bytes)"),
+            ("attention is computed by kvprof's own function (model-dtype logits, float32 softmax, as in eager "
+             "attention, in blocks of queries) instead of sdpa, because H2O needs the attention weights"),
+            ("exempt layers (option exempt_layers, default none) keep their whole cache, as InfiniGen's H2O "
+             "baseline does for layers 0 and 1"),
+        ]
+
+
+@hookimpl
+def kvprof_register_strategies(register: Callable[[type], None]) -> None:
+    register(H2OStrategy)
