@@ -34,10 +34,20 @@ class Trace:
 
     def of_kind(self, kind: str) -> pa.Table:
         """The events of one kind (a value of kvprof.events.Kind)."""
-        return self.table.filter(pc.equal(self.table["kind"].cast(pa.string()), kind))
+        return self.table.filter(kind_mask(self.table["kind"], kind))
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+
+def kind_mask(kinds: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
+    """Where `kinds` (the dictionary-encoded kind column) equals `kind`. Compares each chunk's
+    dictionary indices, so a trace of millions of events is not decoded to strings."""
+    masks = []
+    for chunk in kinds.chunks:
+        index = chunk.dictionary.index(kind).as_py()
+        masks.append(pc.equal(chunk.indices, index) if index >= 0 else pa.repeat(False, len(chunk)))
+    return pa.chunked_array(masks, pa.bool_())
 
 
 def check_version(version: str, path: Path) -> None:
@@ -89,9 +99,8 @@ def read_trace(path: str | os.PathLike) -> Trace:
             f"{path}: trace is truncated (the run did not finish writing it); "
             f"{table.num_rows} events in complete batches were read"
         )
-    elif len(trace.of_kind("run_end")) and trace.of_kind("run_end")["ext"].to_pylist()[-1]:
-        ext = dict(trace.of_kind("run_end")["ext"].to_pylist()[-1])
-        if ext.get("failed"):
+    elif (ends := trace.of_kind("run_end")["ext"].to_pylist()) and ends[-1]:
+        if dict(ends[-1]).get("failed"):
             trace.warnings.append(f"{path}: the run failed before finishing; events up to the failure are kept")
     return trace
 
