@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace(commands)
     _add_plugins(commands)
     _add_validate(commands)
+    _add_sweep(commands)
     from kvprof.analysis.commands import add_commands  # analyze, compare, export
 
     add_commands(commands)
@@ -121,6 +122,65 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if trace_path:
         print(f"trace: {trace_path}  ({outcome.profiler.events_emitted} events, "
               f"profiler cost {outcome.profiler.hook_ns / 1e6:.1f} ms)")
+    return 0
+
+
+# --- sweep --------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(value) for value in text.split(",")]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
+
+
+def _add_sweep(commands: Any) -> None:
+    p = commands.add_parser("sweep", help="run a grid of traces and draw the study's figures")
+    p.add_argument("--plugin", "-p", action="append", required=True, help="strategy (repeatable)")
+    p.add_argument("--model", "-m", default="smollm2-135m")
+    p.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
+    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
+    p.add_argument("--prompt-len", type=_int_list, default=[512], help="comma-separated values")
+    p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated values")
+    p.add_argument("--output-len", type=_int_list, default=[32], help="comma-separated values")
+    p.add_argument("--rate", type=_float_list, default=None, help="comma-separated request rates")
+    p.add_argument("--depth", type=float, default=WorkloadParams().depth)
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed strategy option, for the plugins that take it (repeatable)")
+    p.add_argument("--opt-grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="swept strategy option, for the plugins that take it (repeatable)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", required=True, help="folder for the traces and figures/")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(handler=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kvprof import sweep
+
+    axes: dict[str, list[Any]] = {"prompt_len": args.prompt_len, "batch_size": args.batch_size,
+                                  "output_len": args.output_len}
+    if args.rate:
+        axes["rate"] = args.rate
+    base = WorkloadParams(depth=args.depth, seed=args.seed)
+    # A fixed option is a grid axis of one value: it too applies only to plugins that take it.
+    option_grid = {key: [value] for key, value in parse_key_values(args.opt).items()}
+    option_grid.update(sweep.parse_grid(args.opt_grid))
+    points = sweep.plan(args.plugin, base, axes, option_grid)
+    for point in points:
+        WorkloadSpec(args.workload, point.params).validate()
+    settings = TraceSettings(plugin=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
+                             dtype=args.dtype, seed=args.seed)
+    folder = Path(args.output)
+    traces = sweep.run_sweep(points, folder, args.workload, settings, args.repeats)
+    if not args.no_plots:
+        figures = sweep.draw(traces, folder / "figures")
+        print(f"sweep: {len(traces)} traces, {len(figures)} figures in {folder / 'figures'}")
     return 0
 
 

@@ -1,0 +1,106 @@
+"""`kvprof sweep`: a grid of runs (strategies by prompt length, batch size, output length, KV
+budget, request rate), one trace per point, and the study's figures drawn from them.
+
+A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>].arrow`;
+points whose trace already exists are skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.session import TraceSettings, run_trace
+from kvprof.strategy import UsageError
+from kvprof.workloads import WorkloadParams, WorkloadSpec
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    plugin: str
+    options: tuple[tuple[str, str], ...]
+    params: WorkloadParams
+
+    def file_name(self) -> str:
+        parts = [self.plugin, *(f"{key}={value}" for key, value in self.options),
+                 f"p{self.params.prompt_len}", f"b{self.params.batch_size}", f"o{self.params.output_len}"]
+        if self.params.rate is not None:
+            parts.append(f"r{self.params.rate:g}")
+        return "-".join(parts) + ".arrow"
+
+
+def parse_grid(values: list[str]) -> dict[str, list[str]]:
+    """`["heavy_ratio=0.1,0.2"]` -> `{"heavy_ratio": ["0.1", "0.2"]}`."""
+    grid: dict[str, list[str]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not raw:
+            raise UsageError(f"--opt-grid {item!r}: expected KEY=V1,V2,...")
+        grid[key.strip()] = [value.strip() for value in raw.split(",") if value.strip()]
+    return grid
+
+
+def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
+         option_grid: dict[str, list[str]]) -> list[SweepPoint]:
+    """Every point of the grid. An option axis applies only to the plugins that declare it."""
+    registry = Registry.collect(get_plugin_manager())
+    unused = set(option_grid)
+    points = []
+    for plugin in plugins:
+        declared = {option.name for option in registry.strategy(plugin).options}
+        keys = [key for key in option_grid if key in declared]
+        unused -= set(keys)
+        for values in itertools.product(*(option_grid[key] for key in keys)):
+            for workload_values in itertools.product(*axes.values()):
+                changes = dict(zip(axes, workload_values))
+                if "batch_size" in changes:
+                    changes["num_prompts"] = changes["batch_size"]
+                points.append(SweepPoint(plugin, tuple(zip(keys, values)), replace(base, **changes)))
+    if unused:
+        raise UsageError(f"--opt-grid {', '.join(sorted(unused))}: no swept plugin takes this option")
+    return points
+
+
+def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settings: TraceSettings,
+              repeats: int = 1) -> list[Path]:
+    """Run every point not traced yet; returns the traces of all points (with their repeats)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    traces = []
+    for point in points:
+        for repeat in range(repeats):
+            name = point.file_name()
+            path = folder / (name if repeats == 1 else name.replace(".arrow", f"-{repeat}.arrow"))
+            traces.append(path)
+            if path.exists():
+                print(f"sweep: {path.name} exists, skipped")
+                continue
+            settings = replace(base_settings, plugin=point.plugin, options=dict(point.options),
+                               workload=WorkloadSpec(workload, point.params), trace_path=path)
+            outcome = run_trace(settings)
+            if outcome.error is not None:
+                path.rename(path.with_suffix(".failed.arrow"))
+                raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
+                                 f"{outcome.error} (trace kept as {path.with_suffix('.failed.arrow').name})")
+            print(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
+    return traces
+
+
+def draw(traces: list[Path], folder: Path) -> list[Path]:
+    """Analyze the sweep's traces, each against the `full` run of its workload point when the
+    sweep has one, and draw the study's figures into `folder`."""
+    from kvprof.analysis import analyze
+    from kvprof.analysis.plots import draw_figures
+    from kvprof.trace import read_trace
+
+    loaded = [read_trace(path) for path in traces]
+    baselines = {_workload_key(t): t for t in loaded if t.run.get("plugin") == "full"}
+    runs = [analyze(trace, label=path.stem, baseline=baselines.get(_workload_key(trace)))
+            for path, trace in zip(traces, loaded)]
+    return draw_figures(runs, folder)
+
+
+def _workload_key(trace: Any) -> str:
+    return repr(sorted(trace.run.get("workload", {}).get("params", {}).items()))

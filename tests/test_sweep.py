@@ -1,0 +1,40 @@
+"""`kvprof sweep`: the grid, resuming, and figures from real (tiny, random-weight) runs."""
+
+import pytest
+
+from kvprof import cli
+from kvprof.strategy import UsageError
+from kvprof.sweep import parse_grid, plan
+from kvprof.trace import read_trace
+from kvprof.workloads import WorkloadParams
+
+
+def test_option_axes_apply_only_to_plugins_that_take_them():
+    points = plan(["full", "h2o"], WorkloadParams(), {"prompt_len": [64, 128], "batch_size": [1, 2]},
+                  parse_grid(["heavy_ratio=0.1,0.2"]))
+    assert len([p for p in points if p.plugin == "full"]) == 4
+    assert len([p for p in points if p.plugin == "h2o"]) == 8
+    assert {p.params.num_prompts for p in points if p.params.batch_size == 2} == {2}
+    names = {p.file_name() for p in points}
+    assert "h2o-heavy_ratio=0.2-p128-b2-o32.arrow" in names and len(names) == 12
+
+
+def test_an_option_no_plugin_takes_is_refused():
+    with pytest.raises(UsageError, match="alpha"):
+        plan(["full"], WorkloadParams(), {"prompt_len": [64]}, parse_grid(["alpha=1,2"]))
+
+
+def test_sweep_runs_resumes_and_draws(tmp_path, capsys):
+    args = ["sweep", "-p", "full", "-p", "h2o", "--model", "tiny-llama", "--weights", "random",
+            "--workload", "passkey", "--prompt-len", "96,160", "--output-len", "3",
+            "--opt", "recent_ratio=0.2", "-o", str(tmp_path)]
+    assert cli.main(args) == 0
+    traces = sorted(tmp_path.glob("*.arrow"))
+    assert len(traces) == 4
+    h2o = read_trace(tmp_path / "h2o-recent_ratio=0.2-p160-b1-o3.arrow")
+    assert h2o.run["options"]["recent_ratio"] == 0.2 and h2o.run["workload"]["params"]["prompt_len"] == 160
+    figures = {path.name for path in (tmp_path / "figures").glob("*.png")}
+    assert {"ttft_vs_prompt_length.png", "accuracy_vs_budget.png", "latency_breakdown.png"} <= figures
+    capsys.readouterr()
+    assert cli.main(args + ["--no-plots"]) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == 4
