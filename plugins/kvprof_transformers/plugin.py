@@ -23,8 +23,15 @@ class TransformersStrategy(Strategy):
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
         raise NotImplementedError
 
+    def policy_metadata(self, policy: CachePolicy) -> dict:
+        """What the trace's run metadata (`extra`) should say about the policy, beyond its name."""
+        return {}
+
     def run(self, ctx: RunContext) -> None:
-        loaded = load_model(ctx.model, ctx.device, ctx.dtype, self.attn_implementation)
+        self.run_loaded(ctx, load_model(ctx.model, ctx.device, ctx.dtype, self.attn_implementation))
+
+    def run_loaded(self, ctx: RunContext, loaded: LoadedModel) -> None:
+        """`run` on a model already loaded (benchmarks run several strategies on one model)."""
         policy = self.make_policy(loaded, ctx.options)
         vocab = loaded.config.get_text_config().vocab_size
         workload = ctx.workload.build(loaded.encode, loaded.chat_wrapping(), vocab_size=vocab)
@@ -36,6 +43,7 @@ class TransformersStrategy(Strategy):
             attn_implementation=self.attn_implementation, policy=policy.name,
             architecture=loaded.config.to_dict().get("architectures"),
             num_layers=loaded.config.get_text_config().num_hidden_layers,
+            **self.policy_metadata(policy),
         )
         ctx.profiler.start()
         Runner(loaded, policy, ctx.profiler, detail=ctx.detail).run(workload.requests, ctx.workload.params.batch_size)
@@ -49,6 +57,18 @@ class FullStrategy(TransformersStrategy):
         return CachePolicy()
 
 
+class OffloadStrategy(TransformersStrategy):
+    name = "offload"
+    description = ("whole-layer KV offload to host memory, each layer prefetched during the previous one "
+                   "(the FlexGen-style baseline of InfiniGen)")
+
+    def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
+        from kvprof_transformers.offload import HostOffloadPolicy  # imports transformers: only when run
+
+        return HostOffloadPolicy()
+
+
 @hookimpl
 def kvprof_register_strategies(register: Callable[[type], None]) -> None:
     register(FullStrategy)
+    register(OffloadStrategy)

@@ -1,0 +1,79 @@
+"""Registers the `infinigen` strategy."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kvprof.hookspecs import hookimpl
+from kvprof.strategy import Option, in_range, non_negative, positive
+
+from kvprof_transformers.loading import LoadedModel
+from kvprof_transformers.plugin import TransformersStrategy
+from kvprof_transformers.runner import CachePolicy
+
+COLUMN_SOURCES = ("prefill", "calibration")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"choose one of: {', '.join(choices)}"
+
+
+class InfiniGenStrategy(TransformersStrategy):
+    name = "infinigen"
+    description = ("InfiniGen (OSDI'24): full KV in host memory; each layer's important tokens are "
+                   "speculated one layer ahead from skewed partial queries/keys and prefetched")
+    options = (
+        Option("alpha", 5.0, "fetch tokens whose speculative score is above (max - alpha); "
+               "the authors use 5 for Llama, 4 for OPT", check=non_negative),
+        Option("partial_weight_ratio", 0.2, "fraction of each head's skewed columns used to speculate "
+               "(authors' code: 0.2)", check=in_range(0.0, 1.0, low_open=True)),
+        Option("budget", 0.2, "max_num_kv as a fraction of the sequence (prompt + output tokens); "
+               "the authors' speed runs use (prompt+128)/5", check=in_range(0.0, 1.0, low_open=True)),
+        Option("max_num_kv", 0, "absolute cap on the tokens fetched per head and layer; 0: use budget",
+               check=non_negative),
+        Option("calibration_tokens", 2048, "tokens of the calibration text for the skew SVD "
+               "(authors: 2048 of PG-19)", check=positive),
+        Option("partial_columns", "prefill", "prefill: partial columns chosen from each prompt's queries "
+               "(authors' runtime); calibration: offline union of the top |QA| and |KA| columns "
+               "(authors' accuracy code)", check=_one_of(COLUMN_SOURCES)),
+    )
+
+    def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
+        from kvprof_infinigen.attention import AttentionAccess  # imports transformers: only when run
+        from kvprof_infinigen.policy import InfiniGenPolicy, InfiniGenSettings
+        from kvprof_infinigen.skewing import load_or_compute
+
+        access = AttentionAccess(loaded.model)
+        skew = load_or_compute(loaded, access, options["calibration_tokens"])
+        settings = InfiniGenSettings(options["alpha"], options["partial_weight_ratio"], options["budget"],
+                                     options["max_num_kv"], options["partial_columns"])
+        return InfiniGenPolicy(access, skew, settings)
+
+    def policy_metadata(self, policy: CachePolicy) -> dict:
+        return {"infinigen_calibration": policy.skew_data.meta}
+
+    def describe_deviations(self) -> list[str]:
+        return [
+            ("rotary models: the skew is applied at run time to post-RoPE queries and keys (authors' Llama "
+             "code), so the speculative query uses the next layer's full W_q projection and RoPE; only the "
+             "scoring against the keys uses the partial columns"),
+            ("grouped-query attention (authors' code is MHA-only): one skew matrix and one token set per KV "
+             "head; each query head's scores are taken relative to its own maximum and aggregated over the "
+             "group by the maximum, so a KV head keeps a token when any of its query heads would"),
+            ("skew matrices are calibrated on calibration.txt (public-domain prose shipped with kvprof), not "
+             "PG-19; partial columns are chosen from the prompt's queries summed over all batch rows (authors: "
+             "batch row 0)"),
+            "selected positions are sorted ascending before the gather (attention does not depend on order)",
+            ("speculation runs on the compute stream (authors: a separate stream) and is timed as a phase; the "
+             "selected positions reach the host once per speculated layer (the authors' .item() and CPU gather "
+             "do too), after the previous layer's attention and MLP are queued"),
+            ("max_num_kv = budget x (prompt + output tokens) unless given; no host-memory pool limit or "
+             "eviction (the authors have it only in their accuracy simulation)"),
+            ("batches must have equal-length prompts: layers hold different token counts, so decode runs "
+             "with sdpa and no mask"),
+        ]
+
+
+@hookimpl
+def kvprof_register_strategies(register: Callable[[type], None]) -> None:
+    register(InfiniGenStrategy)

@@ -1,0 +1,58 @@
+"""InfiniGen's speculation and selection rule, as plain tensor functions.
+
+The rule (Lee et al., OSDI 2024; `speculate_attention` in the authors' kv_selection_controller.py):
+with speculative attention scores s (scaled logits) of the next layer, keep per head the tokens
+with s > max(s) - alpha; the number fetched is that count averaged over heads (and batch rows),
+capped by `max_num_kv`; each head then fetches its own top-n tokens.
+
+Grouped-query attention (the authors' code is MHA-only): a KV head serves a group of query heads
+and fetches one token set for all of them. kvprof scores each query head relative to its own
+maximum (s - max s, the log of the softmax weight relative to the largest) and aggregates over
+the group by the maximum, so a KV head keeps a token exactly when at least one of its query heads
+would keep it under the paper's rule; the count, cap and per-head top-n are then taken over KV
+heads. With one query head per KV head this is the paper's rule unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def speculative_scores(query: torch.Tensor, partial_skew: torch.Tensor, partial_keys: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """Speculative attention logits of one decode step, ``[batch, kv_heads, group, tokens]`` (float32).
+
+    query: the next layer's query for the new token after its position embedding,
+        ``[batch, query_heads, head_dim]``; query heads are grouped by KV head in order.
+    partial_skew: per KV head, the skew matrix restricted to the partial columns,
+        ``[kv_heads, head_dim, partial]``.
+    partial_keys: the next layer's cached keys, skewed and restricted likewise,
+        ``[batch, kv_heads, tokens, partial]``.
+    """
+    batch, query_heads, head_dim = query.shape
+    kv_heads = partial_skew.shape[0]
+    grouped = query.view(batch, kv_heads, query_heads // kv_heads, head_dim)
+    partial_query = torch.einsum("bkgd,kdc->bkgc", grouped, partial_skew)
+    scores = torch.einsum("bkgc,bksc->bkgs", partial_query, partial_keys)
+    return scores.float() * scaling
+
+
+def select_tokens(scores: torch.Tensor, alpha: float, max_num_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens each KV head fetches, without leaving the device.
+
+    scores: ``[batch, kv_heads, group, tokens]`` speculative logits (see `speculative_scores`).
+    Returns ``(positions, count)``: `positions` is ``[batch, kv_heads, k]`` with k = min(max_num_kv,
+    tokens); its first `count` entries per head are the selected positions in ascending order and
+    the rest are `tokens` (an out-of-range filler). `count` is a 0-d int64 tensor (the same for
+    every head): min(floor(mean over batch rows and KV heads of the per-head count), max_num_kv).
+    """
+    tokens = scores.shape[-1]
+    relative = scores - scores.amax(dim=-1, keepdim=True)        # <= 0; 0 at each query head's max
+    per_kv_head = relative.amax(dim=2)                             # [batch, kv_heads, tokens]
+    counts = (per_kv_head > -alpha).sum(dim=-1)                    # tokens above max - alpha, per KV head
+    limit = min(max_num_kv, tokens)
+    count = counts.float().mean().floor().long().clamp(max=limit)
+    top = per_kv_head.topk(limit, dim=-1, sorted=True).indices    # best first
+    chosen = torch.arange(limit, device=scores.device) < count
+    positions = torch.where(chosen, top, torch.full_like(top, tokens)).sort(dim=-1).values
+    return positions, count

@@ -1,0 +1,290 @@
+"""A host-memory KV store with asynchronous copies to and from the device.
+
+Shared by the `offload` baseline and by InfiniGen. Every layer's full K/V lives here, pinned when
+the device is a GPU, token-major: ``[tokens, batch, kv_heads, head_dim]``. That layout makes a
+layer's first n tokens one contiguous block (one DMA for a whole-layer fetch) and a gathered
+token set a plain ``index_select`` of head_dim-long rows (InfiniGen's per-head selection).
+
+Copies to the device land in a `DeviceRing`: two device slots per ring, one for the layer that is
+computing and one for the layer in flight, so the device holds only the layers in flight. Copies
+run on the store's own CUDA streams (one for host-to-device fetches, one for device-to-host
+stores); the consumer makes the compute stream wait on the copy's CUDA event and never blocks
+the host. Each copy is timed with `Clock.mark()` on its stream.
+
+On a CPU device the same calls run as plain, synchronous copies (the "device" is then the
+working set the model attends over), so the whole path is testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvprof.clock import Clock
+
+
+@dataclass
+class Copy:
+    """One copy between the host store and the device, and its timing marks.
+
+    A fetch's `keys`/`values` are ``[batch, kv_heads, tokens, head_dim]`` views of a device ring
+    slot; they are valid once the compute stream waited on `done` (`HostKVStore.wait`) and until
+    the slot is released (`HostKVStore.release`).
+    """
+
+    layer: int
+    to_device: bool                  # True: host -> device fetch; False: device -> host store
+    tokens: int                      # tokens per (batch row, KV head)
+    bytes: int
+    first: int                       # store: the first token slot written (fetch: 0)
+    start: Any                       # Clock.mark() before the copy, on the copy's stream
+    end: Any                         # Clock.mark() after it
+    done: Any = None                 # torch.cuda.Event recorded after the copy (CUDA only)
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    slot: _Slot | None = None
+    rows: torch.Tensor | None = None  # a row fetch's positions [batch, kv_heads, tokens], if kept
+    ext: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    keys: torch.Tensor                 # device, [rows, batch, kv_heads, head_dim]
+    values: torch.Tensor
+    staging_keys: torch.Tensor | None  # host (pinned), same shape: where row gathers land
+    staging_values: torch.Tensor | None
+    consumed: Any = None               # CUDA event: the compute stream is done reading the slot
+    fetched: Any = None                # CUDA event: the copy out of the staging buffer finished
+
+
+class DeviceRing:
+    """Two device buffers that fetched layers land in, alternating by layer index.
+
+    With `staging`, each slot also has a pinned host buffer that row gathers are written to
+    before their copy (a gathered set is not contiguous in the store).
+    """
+
+    SLOTS = 2
+
+    def __init__(self, rows: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, staging: bool = False) -> None:
+        self.shape = (batch, kv_heads, head_dim)
+        self.dtype, self.device, self.staging = dtype, device, staging
+        self.rows = 0
+        self.slots: list[_Slot] = []
+        self._allocate(max(rows, 1))
+
+    def _allocate(self, rows: int) -> None:
+        pin = self.device.type == "cuda"
+
+        def device_buffer() -> torch.Tensor:
+            return torch.empty((rows, *self.shape), dtype=self.dtype, device=self.device)
+
+        def host_buffer() -> torch.Tensor | None:
+            return torch.empty((rows, *self.shape), dtype=self.dtype, pin_memory=pin) if self.staging else None
+
+        self.slots = [_Slot(device_buffer(), device_buffer(), host_buffer(), host_buffer())
+                      for _ in range(self.SLOTS)]
+        self.rows = rows
+
+    def slot(self, layer: int, rows: int) -> _Slot:
+        """The slot for `layer`, grown (by doubling) to hold `rows` tokens."""
+        if rows > self.rows:
+            _synchronize(self.device)  # nothing may still read or write the old buffers
+            self._allocate(max(rows, 2 * self.rows))
+        return self.slots[layer % self.SLOTS]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the ring (both slots, keys and values)."""
+        return sum(s.keys.nbytes + s.values.nbytes for s in self.slots)
+
+
+class HostKVStore:
+    """Every layer's K/V in host memory, appended as tokens come, fetched whole or by rows.
+
+    `capacity` is preallocated (tokens per layer); a longer sequence grows the store by doubling.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, clock: Clock, capacity: int) -> None:
+        self.shape = (batch, kv_heads, head_dim)
+        self.dtype, self.device, self.clock = dtype, device, clock
+        self.cuda = device.type == "cuda"
+        self.fetch_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.store_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.lengths = [0] * num_layers
+        self._stored: list[Any] = [None] * num_layers  # last store's CUDA event, per layer
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._grow(num_layers, max(capacity, 1))
+
+    # --- memory ------------------------------------------------------------------------------
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        return torch.empty((capacity, *self.shape), dtype=self.dtype, pin_memory=self.cuda)
+
+    def _grow(self, num_layers: int, capacity: int) -> None:
+        if self.keys:
+            _synchronize(self.device)  # pending stores write into the old buffers
+        old_keys, old_values = self.keys, self.values
+        self.keys = [self._empty(capacity) for _ in range(num_layers)]
+        self.values = [self._empty(capacity) for _ in range(num_layers)]
+        for layer, length in enumerate(self.lengths if old_keys else []):
+            self.keys[layer][:length].copy_(old_keys[layer][:length])
+            self.values[layer][:length].copy_(old_values[layer][:length])
+        self.capacity = capacity
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K and V in one layer (all batch rows and KV heads)."""
+        batch, heads, dim = self.shape
+        return 2 * batch * heads * dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV held (tokens stored, not the preallocated capacity)."""
+        return sum(self.lengths) * self.token_bytes
+
+    # --- device -> host ----------------------------------------------------------------------
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> Copy:
+        """Store new tokens' K/V (``[batch, kv_heads, n, head_dim]`` on the device) after the
+        layer's existing ones. On CUDA the copy runs on the store stream once the compute stream
+        has produced them; the caller may drop its tensors right away."""
+        count = keys.shape[-2]
+        first = self.lengths[layer]
+        if first + count > self.capacity:
+            self._grow(len(self.lengths), max(first + count, 2 * self.capacity))
+        host_keys = self.keys[layer][first:first + count]
+        host_values = self.values[layer][first:first + count]
+        stream = self.store_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            keys.record_stream(stream)  # keep their memory until the copy has read it
+            values.record_stream(stream)
+        with _on(stream):
+            start = self.clock.mark(stream)
+            host_keys.copy_(keys.permute(2, 0, 1, 3), non_blocking=True)
+            host_values.copy_(values.permute(2, 0, 1, 3), non_blocking=True)
+            end = self.clock.mark(stream)
+            done = _record(stream)
+        self._stored[layer] = done
+        self.lengths[layer] = first + count
+        return Copy(layer, False, count, count * self.token_bytes, first, start, end, done)
+
+    # --- host -> device ----------------------------------------------------------------------
+
+    def fetch_all(self, layer: int, ring: DeviceRing) -> Copy:
+        """Copy the layer's whole K/V into its ring slot (one contiguous block each)."""
+        count = self.lengths[layer]
+        slot = ring.slot(layer, count)
+        with self._fetching(layer, slot) as stream:
+            start = self.clock.mark(stream)
+            slot.keys[:count].copy_(self.keys[layer][:count], non_blocking=True)
+            slot.values[:count].copy_(self.values[layer][:count], non_blocking=True)
+            end = self.clock.mark(stream)
+            done = _record(stream)
+        return self._fetched(layer, slot, count, start, end, done)
+
+    def fetch_rows(self, layer: int, rows: torch.Tensor, ring: DeviceRing) -> Copy:
+        """Gather the given tokens of each (batch row, KV head) on the host into the slot's
+        pinned staging buffer, then copy them to the slot. `rows` is a host int64 tensor
+        ``[batch, kv_heads, n]`` of positions below the layer's length."""
+        batch, heads, count = rows.shape
+        slot = ring.slot(layer, count)
+        if slot.fetched is not None:
+            slot.fetched.synchronize()  # the previous copy out of this staging buffer is done
+        if self._stored[layer] is not None and self.cuda:
+            self._stored[layer].synchronize()  # the rows we read have landed on the host
+        gather_start = time.perf_counter_ns()
+        # Row r of the flattened store is (token r // (B*H), batch row, head) in that order.
+        flat = rows.permute(2, 0, 1) * (batch * heads) + torch.arange(batch * heads).view(batch, heads)
+        flat = flat.reshape(-1)
+        length, dim = self.lengths[layer], self.shape[-1]
+        staged_keys, staged_values = slot.staging_keys[:count], slot.staging_values[:count]
+        torch.index_select(self.keys[layer][:length].view(-1, dim), 0, flat, out=staged_keys.view(-1, dim))
+        torch.index_select(self.values[layer][:length].view(-1, dim), 0, flat, out=staged_values.view(-1, dim))
+        gather_ns = time.perf_counter_ns() - gather_start
+        with self._fetching(layer, slot) as stream:
+            start = self.clock.mark(stream)
+            slot.keys[:count].copy_(staged_keys, non_blocking=True)
+            slot.values[:count].copy_(staged_values, non_blocking=True)
+            end = self.clock.mark(stream)
+            done = _record(stream)
+        slot.fetched = done
+        copy = self._fetched(layer, slot, count, start, end, done)
+        copy.ext["gather_ns"] = float(gather_ns)
+        return copy
+
+    def _fetching(self, layer: int, slot: _Slot) -> Any:
+        """The context a fetch into `slot` runs in: on CUDA the fetch stream, after the slot's
+        previous reader and the layer's last store."""
+        stream = self.fetch_stream
+        if stream is not None:
+            for event in (slot.consumed, self._stored[layer]):
+                if event is not None:
+                    stream.wait_event(event)
+        return _on(stream)
+
+    def _fetched(self, layer: int, slot: _Slot, count: int, start: Any, end: Any, done: Any) -> Copy:
+        keys = slot.keys[:count].permute(1, 2, 0, 3)
+        values = slot.values[:count].permute(1, 2, 0, 3)
+        return Copy(layer, True, count, count * self.token_bytes, 0, start, end, done, keys, values, slot)
+
+    # --- the consumer side ---------------------------------------------------------------------
+
+    def wait(self, copy: Copy) -> Any:
+        """Make the compute stream wait for a fetch; returns a mark of when it started waiting
+        (on a CPU device the copy already happened: None)."""
+        if copy.done is None:
+            return None
+        waiting_from = self.clock.mark()
+        torch.cuda.current_stream(self.device).wait_event(copy.done)
+        return waiting_from
+
+    def release(self, copy: Copy) -> None:
+        """The compute stream has read the fetched slot: a later fetch may overwrite it."""
+        if self.cuda and copy.slot is not None:
+            copy.slot.consumed = _record(torch.cuda.current_stream(self.device))
+
+
+def _on(stream: Any) -> Any:
+    """`torch.cuda.stream(stream)` on CUDA; a no-op context on the CPU."""
+    if stream is None:
+        import contextlib
+
+        return contextlib.nullcontext(None)
+    return _StreamContext(stream)
+
+
+class _StreamContext:
+    """Like torch.cuda.stream(s), but yields the stream (for marks inside the block)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._inner = torch.cuda.stream(stream)
+
+    def __enter__(self) -> Any:
+        self._inner.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self._inner.__exit__(*exc)
+
+
+def _record(stream: Any) -> Any:
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,259 @@
+"""The infinigen strategy: its selection rule against independent implementations, its skew,
+its tokens against `full`, its events, and its refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvprof.cli import main
+from kvprof.models import builtin_aliases, resolve_model
+from kvprof.strategy import UsageError, parse_options
+from kvprof.testing import conformance
+from kvprof.trace import read_trace
+from kvprof_infinigen.plugin import InfiniGenStrategy
+from kvprof_infinigen.policy import require_room
+from kvprof_infinigen.selection import select_tokens, speculative_scores
+from kvprof_infinigen.skewing import skew_from
+from kvprof_transformers.loading import LoadedModel, load_model
+from kvprof_transformers.runner import CachePolicy
+
+from transformers_runs import build_requests, offload_events, run_policy
+
+
+def infinigen_policy(loaded: LoadedModel, **options: object) -> CachePolicy:
+    parsed = parse_options(InfiniGenStrategy.options, {key: str(value) for key, value in options.items()})
+    return InfiniGenStrategy().make_policy(loaded, parsed)
+
+
+# --- the selection rule ----------------------------------------------------------------------
+
+
+def authors_speculate_attention(scores: torch.Tensor, alpha: float, max_num_kv: int) -> torch.Tensor:
+    """The authors' rule (kv_selection_controller.speculate_attention), on their layout:
+    scores (batch*heads, 1, tokens) -> prefetch indices (n, 1, batch*heads)."""
+    threshold = torch.max(scores, dim=-1, keepdim=True)[0] - alpha
+    count = torch.where(scores > threshold, torch.ones_like(scores), torch.zeros_like(scores))
+    mean = torch.mean(torch.sum(count, dim=-1)).item()
+    return torch.topk(scores.permute(2, 1, 0), min(int(mean), max_num_kv), dim=0)[1]
+
+
+def loop_selection(scores: list, alpha: float, max_num_kv: int) -> list[list[list[int]]]:
+    """kvprof's documented rule for grouped-query attention, on nested lists: per KV head, a
+    token's score is the best over its query heads of (score - that query head's maximum)."""
+    relative = [[[max(group[q][t] - max(group[q]) for q in range(len(group))) for t in range(len(group[0]))]
+                 for group in row] for row in scores]
+    counts = [sum(1 for value in head if value > -alpha) for row in relative for head in row]
+    count = min(math.floor(sum(counts) / len(counts)), max_num_kv)
+    return [[sorted(sorted(range(len(head)), key=lambda t: -head[t])[:count]) for head in row] for row in relative]
+
+
+def selected(positions: torch.Tensor, count: torch.Tensor) -> list[list[list[int]]]:
+    return positions[..., :int(count)].tolist()
+
+
+@pytest.mark.parametrize("alpha, max_num_kv", [(2.0, 100), (5.0, 100), (5.0, 7), (0.5, 100)])
+def test_selection_matches_the_authors_rule_for_one_query_head_per_kv_head(alpha: float, max_num_kv: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, tokens = 2, 4, 60
+    scores = torch.randn(batch, heads, 1, tokens, generator=generator, dtype=torch.float64) * 3
+    positions, count = select_tokens(scores, alpha, max_num_kv)
+    theirs = authors_speculate_attention(scores.reshape(batch * heads, 1, tokens), alpha, max_num_kv)
+    assert int(count) == theirs.shape[0] > 0
+    expected = [sorted(theirs[:, 0, row * heads + head].tolist()) for row in range(batch) for head in range(heads)]
+    assert [head for row in selected(positions, count) for head in row] == expected
+    assert (positions[..., int(count):] == tokens).all()  # the rest is filler
+
+
+@pytest.mark.parametrize("alpha, max_num_kv", [(1.0, 50), (3.0, 50), (3.0, 5)])
+def test_selection_with_query_groups_matches_a_plain_loop_implementation(alpha: float, max_num_kv: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 3, 4, 40, generator=generator, dtype=torch.float64) * 2  # 3 KV heads of 4 queries
+    positions, count = select_tokens(scores, alpha, max_num_kv)
+    assert selected(positions, count) == loop_selection(scores.tolist(), alpha, max_num_kv)
+
+
+def test_selection_edges() -> None:
+    scores = torch.randn(1, 2, 1, 10)
+    positions, count = select_tokens(scores, 0.0, 10)  # nothing is above max - 0
+    assert int(count) == 0 and (positions == 10).all()
+    positions, count = select_tokens(scores, 1e9, 4)  # everything qualifies: the cap decides
+    assert int(count) == 4
+    positions, count = select_tokens(scores, 1e9, 100)  # cap above the length: all tokens, in order
+    assert positions.tolist() == [[list(range(10))] * 2]
+
+
+# --- skewing -----------------------------------------------------------------------------------
+
+
+def test_skew_is_orthogonal_keeps_scores_and_concentrates_energy() -> None:
+    generator = torch.Generator().manual_seed(3)
+    kv_heads, group, tokens, dim = 2, 3, 200, 16
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))[0]
+    scales = torch.logspace(1, -1, dim, dtype=torch.float64)  # a few directions dominate, not axis-aligned
+    queries = (torch.randn(kv_heads * group, tokens, dim, generator=generator, dtype=torch.float64) * scales) @ basis.T
+    keys = (torch.randn(kv_heads, tokens, dim, generator=generator, dtype=torch.float64) * scales) @ basis.T
+    skew, query_energy, _ = skew_from(queries, keys)
+    eye = torch.eye(dim, dtype=torch.float32).expand(kv_heads, dim, dim)
+    assert torch.allclose(skew.transpose(-1, -2) @ skew, eye, atol=1e-4)
+    # All columns: the speculative scores are the exact scaled logits, (QA)(KA)^T = QK^T.
+    query = queries[:, -1].float().unsqueeze(0)                               # [1, query_heads, dim]
+    cached = keys.float().unsqueeze(0)                                        # [1, kv_heads, tokens, dim]
+    scores = speculative_scores(query, skew, torch.einsum("bknd,kde->bkne", cached, skew), 0.25)
+    exact = torch.einsum("bkgd,bknd->bkgn", query.view(1, kv_heads, group, dim), cached) * 0.25
+    assert torch.allclose(scores, exact, atol=1e-3)
+    # The top 20 % of the skewed columns carry more of |Q| than the top 20 % of the raw ones.
+    top = dim // 5
+    raw_energy = queries.float().reshape(kv_heads, -1, dim).abs().sum(1)
+    assert (query_energy.topk(top).values.sum(-1) > raw_energy.topk(top).values.sum(-1)).all()
+
+
+# --- on real and tiny models ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(embedded_checkpoint_dir: Path) -> LoadedModel:
+    return load_model(resolve_model("smollm2-135m"), "cpu")
+
+
+@pytest.mark.slow
+def test_alpha_large_enough_to_select_everything_reproduces_full(smollm2: LoadedModel, tmp_path: Path) -> None:
+    requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)
+    full, _ = run_policy(smollm2, CachePolicy(), requests, tmp_path / "full.arrow")
+    policy = infinigen_policy(smollm2, alpha=1e9, budget=1.0, calibration_tokens=256)
+    outputs, trace = run_policy(smollm2, policy, requests, tmp_path / "infinigen.arrow")
+    assert outputs == full
+    speculated = [e for e in offload_events(trace) if e["dst_medium"] == "device" and e["layer"] >= 2]
+    assert speculated and all(e["tokens"] == dict(e["ext"])["stored_tokens"] for e in speculated)
+
+
+@pytest.fixture(scope="module")
+def tiny4_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model folder: tiny-llama with 4 layers (layers 2 and 3 are speculated)."""
+    config = dict(builtin_aliases()["tiny-llama"].config, num_hidden_layers=4)
+    folder = tmp_path_factory.mktemp("tiny4")
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny4(tiny4_folder: str) -> LoadedModel:
+    torch.manual_seed(0)  # the same random weights every run: the calibration cache is reused
+    return load_model(resolve_model(tiny4_folder, "random"), "cpu")
+
+
+def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedModel, tmp_path: Path) -> None:
+    prompt, output, budget = 64, 5, 0.2
+    requests = build_requests(tiny4, "synthetic", prompt_len=prompt, output_len=output, num_prompts=2)
+    policy = infinigen_policy(tiny4, budget=budget, calibration_tokens=64)
+    _, trace = run_policy(tiny4, policy, requests, tmp_path / "infinigen.arrow", detail="head")
+    cap = int(budget * (prompt + output))
+    config = tiny4.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_heads, steps = config.num_key_value_heads, output - 1
+    token_bytes = 2 * 2 * kv_heads * head_dim * 4
+
+    fetches = [e for e in offload_events(trace) if e["dst_medium"] == "device"]
+    whole = [e for e in fetches if e["layer"] < 2]
+    assert [(e["step"], e["layer"], e["tokens"]) for e in whole] == [
+        (s, layer, prompt + s) for s in range(steps) for layer in (0, 1)]
+    rows = [e for e in fetches if e["layer"] >= 2]  # detail "head": one per request and KV head
+    assert len(rows) == steps * 2 * 2 * kv_heads
+    for event in rows:
+        ext = dict(event["ext"])
+        stored = prompt + event["step"]
+        assert ext["stored_tokens"] == stored and ext["max_num_kv"] == cap
+        assert event["tokens"] == ext["selected_tokens"] <= cap
+        [positions] = event["positions"]
+        assert positions == sorted(set(positions)) and len(positions) == event["tokens"]
+        assert all(0 <= p < stored for p in positions)
+        assert event["bytes"] == event["tokens"] * token_bytes // (2 * kv_heads)
+
+    speculation = [p for p in trace.of_kind("phase").to_pylist() if p["phase"] == "speculation"]
+    assert [(p["step"], p["layer"]) for p in speculation] == [(s, layer) for s in range(steps) for layer in (2, 3)]
+    decode = trace.of_kind("decode_step").to_pylist()
+    partial = max(1, int(head_dim * 0.2))
+    partial_keys = [2 * 2 * kv_heads * (prompt + s + 1) * partial * 4 for s in range(steps)]  # layers 2-3
+    skews = 2 * kv_heads * head_dim * partial * 4
+    assert [d["aux_device_bytes"] for d in decode] == [k + skews for k in partial_keys]
+    assert [d["kv_host_bytes"] for d in decode] == [4 * (prompt + s + 1) * token_bytes for s in range(steps)]
+
+
+@pytest.mark.parametrize("columns", ["prefill", "calibration"])
+def test_both_column_choices_reproduce_full_when_everything_is_selected(tiny4: LoadedModel, columns: str,
+                                                                      tmp_path: Path) -> None:
+    requests = build_requests(tiny4, "synthetic", prompt_len=48, output_len=5, num_prompts=2)
+    full, _ = run_policy(tiny4, CachePolicy(), requests, tmp_path / "full.arrow")
+    policy = infinigen_policy(tiny4, alpha=1e9, budget=1.0, calibration_tokens=64, partial_columns=columns)
+    outputs, trace = run_policy(tiny4, policy, requests, tmp_path / "infinigen.arrow")
+    assert outputs == full
+    widths = {tuple(p.shape) for p in policy.partial_skew.values()} if columns == "calibration" else set()
+    assert len(widths) <= 1  # calibration: one width for all layers (zero columns pad the narrower)
+    assert trace.of_kind("phase").num_rows > 0
+
+
+def test_calibration_is_cached_with_its_text_and_size(tiny4: LoadedModel) -> None:
+    first = infinigen_policy(tiny4, calibration_tokens=96).skew_data
+    path = Path(first.meta["path"])
+    assert path.is_file() and path.parent.name == "infinigen"
+    assert first.meta["text"] == "calibration.txt" and first.meta["tokens"] == 96
+    modified = path.stat().st_mtime_ns
+    again = infinigen_policy(tiny4, calibration_tokens=96).skew_data
+    assert path.stat().st_mtime_ns == modified  # read back, not recomputed
+    assert torch.equal(again.matrices, first.matrices) and again.meta == first.meta
+
+
+def test_a_padded_batch_is_refused(tiny4: LoadedModel, tmp_path: Path) -> None:
+    requests = build_requests(tiny4, "synthetic", prompt_len=40, output_len=3, num_prompts=2)
+    requests[1] = dataclasses.replace(requests[1], prompt_token_ids=requests[1].prompt_token_ids[5:])
+    with pytest.raises(UsageError, match="equal-length prompts"):
+        run_policy(tiny4, infinigen_policy(tiny4, calibration_tokens=64), requests, tmp_path / "padded.arrow")
+
+
+def test_the_device_room_check() -> None:
+    require_room(100, 200)
+    with pytest.raises(UsageError, match="partial key cache and fetch buffers need"):
+        require_room(3 * 2**30, 2**30)
+
+
+@pytest.mark.parametrize("detail", ["step", "layer", "head"])
+def test_infinigen_conforms_at_every_detail(tiny4_folder: str, detail: str, tmp_path: Path) -> None:
+    report = conformance.check_strategy("infinigen", {"calibration_tokens": 64}, model=tiny4_folder,
+                                        detail=detail, trace_dir=tmp_path)
+    report.raise_for_problems()
+    assert report.counts["phase"] > 0
+    run = read_trace(report.trace_path).run
+    assert run["extra"]["infinigen_calibration"]["text"] == "calibration.txt"
+    assert any("grouped-query attention" in deviation for deviation in run["deviations"])
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The CLI's own error lines (libraries may log warnings to stderr too)."""
+    return [line for line in stderr.splitlines() if line.startswith("kvprof: error:")]
+
+
+@pytest.mark.parametrize("option", ["alpha=-1", "partial_weight_ratio=0", "partial_weight_ratio=1.5", "budget=0",
+                                    "budget=2", "max_num_kv=-3", "partial_columns=random"])
+def test_bad_options_are_one_line_and_exit_2(option: str, capsys: pytest.CaptureFixture) -> None:
+    code = main(["trace", "--plugin", "infinigen", "--model", "tiny-llama", "--weights", "random", "--opt", option])
+    errors = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and option.split("=")[0] in errors[0]
+
+
+def test_a_model_whose_attention_cannot_be_hooked_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    opt = {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 32, "ffn_dim": 64,
+           "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": 49152, "word_embed_proj_dim": 32,
+           "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(opt))
+    code = main(["trace", "--plugin", "infinigen", "--model", str(tmp_path), "--weights", "random",
+                 "--prompt-len", "32", "--output-len", "2", "-o", str(tmp_path / "t.arrow")])
+    errors = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(errors) == 1 and "infinigen cannot hook OPTForCausalLM" in errors[0]
