@@ -73,6 +73,8 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="live progress display")
+    p.add_argument("--warmup-runs", type=int, default=None,
+                   help="untraced runs of the first batch before the traced run (default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--flush-s", type=float, default=1.0,
                    help="write a record batch at least this often (a killed run loses at most this much)")
     p.add_argument("--no-sinks", action="store_true", help="attach no sinks (overhead baselines); writes no trace")
@@ -106,7 +108,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
         options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
         seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks, progress=args.progress,
-        flush_s=args.flush_s,
+        flush_s=args.flush_s, warmup_runs=args.warmup_runs,
     )
     outcome = run_trace(settings)
     error = outcome.error

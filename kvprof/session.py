@@ -12,7 +12,7 @@ import pluggy
 
 from kvprof.models import EMBEDDED, resolve_model
 from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
-from kvprof.strategy import RunContext, Strategy, parse_options
+from kvprof.strategy import RunContext, Strategy, UsageError, parse_options
 from kvprof.workloads import WorkloadSpec
 
 
@@ -33,6 +33,7 @@ class TraceSettings:
     sinks_enabled: bool = True
     progress: bool = False
     flush_s: float = 1.0
+    warmup_runs: int | None = None    # None: 1 on CUDA (clocks, lazy kernel loading), 0 on CPU
 
 
 @dataclass
@@ -81,7 +82,8 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
     seed_everything(settings.seed)
     profiler = Profiler(pm, run)
     context = RunContext(model=model, workload=settings.workload, options=options, profiler=profiler,
-                         device=device, dtype=settings.dtype, detail=settings.detail, seed=settings.seed)
+                         device=device, dtype=settings.dtype, detail=settings.detail, seed=settings.seed,
+                         warmup_runs=_warmup_runs(settings.warmup_runs, device))
     outcome = RunOutcome(run, profiler, plugin)
     try:
         strategy_cls().run(context)
@@ -92,6 +94,14 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
     if isinstance(outcome.error, KeyboardInterrupt):
         raise outcome.error
     return outcome
+
+
+def _warmup_runs(requested: int | None, device: str) -> int:
+    if requested is not None:
+        if requested < 0:
+            raise UsageError(f"--warmup-runs {requested}: must not be negative")
+        return requested
+    return 1 if device.startswith("cuda") else 0
 
 
 def seed_everything(seed: int) -> None:

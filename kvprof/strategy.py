@@ -99,6 +99,7 @@ class RunContext:
     dtype: str = "auto"
     detail: str = "layer"          # "step" | "layer" | "head": how fine evict/offload events are
     seed: int = 0
+    warmup_runs: int = 0           # untraced runs of the first batch before the traced run
     extra: dict[str, Any] = field(default_factory=dict)
 
 

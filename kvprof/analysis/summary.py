@@ -83,9 +83,9 @@ def finished_requests(events: Events) -> Requests:
     """Join each request_end with its prefill events (first token = last chunk's end)."""
     ends = events.of_kind("request_end", ["request_id", "start_ns", "end_ns", "tokens", "ext", "text"])
     prefills = events.of_kind("prefill", ["request_id", "end_ns", "tokens", "ext"])
-    # A recompute after a preemption (ext["resumed"]=1, vLLM) comes after the first token.
-    resumed = pc.fill_null(pc.map_lookup(prefills["ext"], "resumed", "first"), 0.0)
-    prefills = prefills.filter(pc.not_equal(resumed, 1.0))
+    # A recompute after a preemption (ext["recompute"]=1, vLLM) comes after the first token.
+    recompute = pc.fill_null(pc.map_lookup(prefills["ext"], "recompute", "first"), 0.0)
+    prefills = prefills.filter(pc.not_equal(recompute, 1.0))
     per_request = pa.table({
         "request_id": prefills["request_id"],
         "first_token_ns": prefills["end_ns"],

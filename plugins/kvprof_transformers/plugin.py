@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from kvprof.hookspecs import hookimpl
+from kvprof.profiler import Profiler
 from kvprof.strategy import RunContext, Strategy
 
 from kvprof_transformers.loading import LoadedModel, load_model
@@ -43,10 +44,15 @@ class TransformersStrategy(Strategy):
             attn_implementation=self.attn_implementation, policy=policy.name,
             architecture=loaded.config.to_dict().get("architectures"),
             num_layers=loaded.config.get_text_config().num_hidden_layers,
-            **self.policy_metadata(policy),
+            warmup_runs=ctx.warmup_runs, **self.policy_metadata(policy),
         )
+        batch_size = ctx.workload.params.batch_size
+        for _ in range(ctx.warmup_runs):  # excluded from the trace: a profiler that listens to nothing
+            silent = Profiler(ctx.profiler.pm, run, enabled=False)
+            warm_policy = self.make_policy(loaded, ctx.options)
+            Runner(loaded, warm_policy, silent, detail=ctx.detail).run(workload.requests[:batch_size], batch_size)
         ctx.profiler.start()
-        Runner(loaded, policy, ctx.profiler, detail=ctx.detail).run(workload.requests, ctx.workload.params.batch_size)
+        Runner(loaded, policy, ctx.profiler, detail=ctx.detail).run(workload.requests, batch_size)
 
 
 class FullStrategy(TransformersStrategy):

@@ -1,0 +1,61 @@
+"""Registers the `vllm` strategy. Importing this module never imports vllm."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kvprof.hookspecs import hookimpl
+from kvprof.strategy import Option, RunContext, Strategy, in_range, positive
+
+VLLM_OPTIONS = (
+    Option("gpu_memory_utilization", None, "fraction of GPU memory vLLM may use (CPU build: of host memory)",
+           kind=float, check=in_range(0.0, 1.0, low_open=True)),
+    Option("kv_cache_memory_bytes", None, "KV cache size in bytes (overrides gpu_memory_utilization); "
+           "on the CPU build kvprof uses 1 GiB unless this or VLLM_CPU_KVCACHE_SPACE is set",
+           kind=int, check=positive),
+    Option("max_model_len", None, "longest sequence (prompt + output) in tokens; default: the model's",
+           kind=int, check=positive),
+    Option("block_size", None, "tokens per KV block (the CPU build needs a multiple of 32)", kind=int, check=positive),
+    Option("enable_prefix_caching", None, "prefix caching (vLLM's default: on); prefix-cache evict events need it",
+           kind=bool),
+    Option("enable_chunked_prefill", None, "chunked prefill (vLLM's default: on)", kind=bool),
+    Option("max_num_seqs", None, "requests per engine step; default: the workload's batch size, "
+           "or vLLM's default for request-rate runs", kind=int, check=positive),
+    Option("max_num_batched_tokens", None, "tokens per engine step", kind=int, check=positive),
+    Option("num_gpu_blocks_override", None, "number of KV blocks, whatever the memory (small values force "
+           "preemption)", kind=int, check=positive),
+    Option("kv_offloading_size", None, "GiB of CPU memory for vLLM's KV offloading connector (GPU only)",
+           kind=float, check=positive),
+    Option("kv_offloading_backend", "native", "offloading backend: native or lmcache",
+           check=lambda v: None if v in ("native", "lmcache") else "must be native or lmcache"),
+    Option("enforce_eager", None, "skip torch.compile and CUDA graphs (vLLM's default: off); much faster "
+           "start-up on the CPU build", kind=bool),
+)
+
+
+class VllmStrategy(Strategy):
+    """Real vLLM (v1 engine), driven step by step in-process; events from inside its scheduler.
+
+    After `run`, `outputs` maps each request id to vLLM's RequestOutput, for callers that drive
+    the strategy from Python (tests, benchmarks).
+    """
+
+    name = "vllm"
+    description = "real vLLM v1 engine, in-process: events from its scheduler and KV-cache events"
+    options = VLLM_OPTIONS
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, Any] = {}
+
+    def run(self, ctx: RunContext) -> None:
+        from kvprof_vllm.engine import import_vllm
+
+        import_vllm()  # a UsageError naming the extra to install when vLLM is missing
+        from kvprof_vllm.run import run_profiled
+
+        self.outputs = run_profiled(ctx)
+
+
+@hookimpl
+def kvprof_register_strategies(register: Callable[[type], None]) -> None:
+    register(VllmStrategy)
