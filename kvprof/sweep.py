@@ -7,7 +7,9 @@ points whose trace already exists are skipped, so an interrupted sweep resumes w
 
 from __future__ import annotations
 
+import gc
 import itertools
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,18 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
                 raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
                                  f"{outcome.error} (trace kept as {path.with_suffix('.failed.arrow').name})")
             print(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
+            del outcome
+            release_memory()
     return traces
+
+
+def release_memory() -> None:
+    """Free the last run's model before the next loads: runs share one process, and a model
+    kept alive by a reference cycle (hooks, policies) would otherwise stay on the device."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # the core imports no framework; use torch only if loaded
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def draw(traces: list[Path], folder: Path) -> list[Path]:
