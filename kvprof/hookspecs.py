@@ -106,7 +106,8 @@ def kvprof_prefill(event: Event) -> None:
     Fields: request_id, tokens (prompt tokens computed now), ext["cached_tokens"] (served from a
     prefix cache), ext["prompt_tokens"] (the whole prompt), kv_device_bytes after it. A chunked
     prefill fires one event per chunk with ext["chunk"]=1; the last chunk's end is the first
-    token's time.
+    token's time. A preempted request's recomputation fires again with ext["recompute"]=1 and
+    does not move its first-token time.
     """
 
 
