@@ -11,31 +11,18 @@ import torch
 
 from kvprof.cli import main
 from kvprof.models import ModelSpec, resolve_model
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
 from kvprof.strategy import UsageError, parse_options
-from kvprof.trace import Trace, read_trace
+from kvprof.trace import Trace
 from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
 from kvprof_h2o.attention import attend
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
 from kvprof_h2o.plugin import H2OStrategy
 from kvprof_h2o.policy import Budget
 from kvprof_transformers.loading import LoadedModel, load_model
-from kvprof_transformers.runner import CachePolicy, Runner
+from kvprof_transformers.runner import CachePolicy
+from transformers_runs import run_policy
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def run_policy(loaded: LoadedModel, policy: CachePolicy, requests: list[Request], path: Path,
-               detail: str = "layer") -> tuple[list[list[int]], Trace]:
-    """Run `requests` as one batch under `policy`; the generated ids and the trace."""
-    run = RunInfo(plugin=policy.name, model={}, workload={}, options={}, trace_path=str(path), detail=detail)
-    profiler = Profiler(get_plugin_manager(), run)
-    profiler.start()
-    try:
-        outputs = Runner(loaded, policy, profiler, detail=detail).run(requests, batch_size=len(requests))
-    finally:
-        profiler.end()
-    return outputs, read_trace(path)
 
 
 def h2o_policy(loaded: LoadedModel, **options: str) -> CachePolicy:
