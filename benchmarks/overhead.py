@@ -3,6 +3,7 @@ versus kvprof's hooks off, as a ratio of medians over repeated, interleaved runs
 
     python benchmarks/overhead.py                       # embedded SmolLM2 on this machine
     python benchmarks/overhead.py --device cuda --model llama-3-8b --weights random --prompt-len 2048
+    python benchmarks/overhead.py --engine vllm         # real vLLM: see overhead_vllm.py for its options
 
 Decode time per token = (T(prompt + N tokens) - T(prompt + 1 token)) / (N - 1), each T the wall
 time of one batch through the runner, so prefill cancels out. "on" attaches every sink kvprof
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,17 @@ def time_batch(loaded, requests, enabled: bool, trace_dir: Path, device: str) ->
 
 
 def main() -> None:
+    if "--engine" in sys.argv:
+        choice = argparse.ArgumentParser(add_help=False)
+        choice.add_argument("--engine", choices=("transformers", "vllm"), default="transformers")
+        engine, rest = choice.parse_known_args()
+        if engine.engine == "vllm":
+            import overhead_vllm  # beside this file; vLLM is imported only for this engine
+
+            sys.argv = [sys.argv[0], *rest]
+            overhead_vllm.main()
+            return
+        sys.argv = [sys.argv[0], *rest]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--weights", default="auto")
