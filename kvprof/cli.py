@@ -1,4 +1,4 @@
-"""The `kvprof` command: trace | analyze | compare | export | plugins | validate.
+"""The `kvprof` command: trace | sweep | analyze | compare | export | plugins | validate.
 
 A user's mistake is one line on stderr and exit status 2, never a traceback. A plugin that
 crashes is reported with its name; the trace it wrote so far stays readable.
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from kvprof.models import EMBEDDED, WEIGHTS
 from kvprof.profiler import Registry, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_trace(commands: Any) -> None:
     p = commands.add_parser("trace", help="run a strategy and write an Arrow trace")
     p.add_argument("--plugin", "-p", required=True, help="strategy to run (see `kvprof plugins`)")
-    p.add_argument("--model", "-m", default="smollm2-135m", help="alias, local folder or Hugging Face id")
-    p.add_argument("--weights", choices=("auto", "real", "random"), default="auto",
+    p.add_argument("--model", "-m", default=EMBEDDED, help="alias, local folder or Hugging Face id")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="random: build the architecture with random weights (timing and memory only)")
     p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
     defaults = WorkloadParams()
@@ -141,14 +142,15 @@ def _float_list(text: str) -> list[float]:
 def _add_sweep(commands: Any) -> None:
     p = commands.add_parser("sweep", help="run a grid of traces and draw the study's figures")
     p.add_argument("--plugin", "-p", action="append", required=True, help="strategy (repeatable)")
-    p.add_argument("--model", "-m", default="smollm2-135m")
-    p.add_argument("--weights", choices=("auto", "real", "random"), default="auto")
+    p.add_argument("--model", "-m", default=EMBEDDED)
+    p.add_argument("--weights", choices=WEIGHTS, default="auto")
     p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
-    p.add_argument("--prompt-len", type=_int_list, default=[512], help="comma-separated values")
-    p.add_argument("--batch-size", type=_int_list, default=[1], help="comma-separated values")
-    p.add_argument("--output-len", type=_int_list, default=[32], help="comma-separated values")
+    defaults = WorkloadParams()
+    p.add_argument("--prompt-len", type=_int_list, default=[defaults.prompt_len], help="comma-separated values")
+    p.add_argument("--batch-size", type=_int_list, default=[defaults.batch_size], help="comma-separated values")
+    p.add_argument("--output-len", type=_int_list, default=[defaults.output_len], help="comma-separated values")
     p.add_argument("--rate", type=_float_list, default=None, help="comma-separated request rates")
-    p.add_argument("--depth", type=float, default=WorkloadParams().depth)
+    p.add_argument("--depth", type=float, default=defaults.depth)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed strategy option, for the plugins that take it (repeatable)")
     p.add_argument("--opt-grid", action="append", default=[], metavar="KEY=V1,V2",

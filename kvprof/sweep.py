@@ -83,9 +83,9 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
                                workload=WorkloadSpec(workload, point.params), trace_path=path)
             outcome = run_trace(settings)
             if outcome.error is not None:
-                path.rename(path.with_suffix(".failed.arrow"))
+                kept = path.rename(path.with_suffix(".failed.arrow"))
                 raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
-                                 f"{outcome.error} (trace kept as {path.with_suffix('.failed.arrow').name})")
+                                 f"{outcome.error} (trace kept as {kept.name})")
             print(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
             del outcome
             release_memory()

@@ -136,10 +136,8 @@ class WorkloadSpec:
 def build_workload(name: str, params: WorkloadParams, encode: Encode,
                    chat: tuple[str, str] = ("", "")) -> Workload:
     """The requests of workload `name`; `chat` wraps each prompt as the model's user turn."""
-    params.validate()
+    WorkloadSpec(name, params).validate()
     builders = {"synthetic": _synthetic, "passkey": _passkey, "facts": _facts}
-    if name not in builders:
-        raise UsageError(f"unknown workload {name!r}; choose one of: {', '.join(WORKLOADS)}")
     rng = random.Random(params.seed)
     requests = [builders[name](i, params, encode, chat, rng) for i in range(params.num_prompts)]
     for request, arrival in zip(requests, poisson_arrivals(params.num_prompts, params.rate, rng)):
@@ -184,7 +182,8 @@ class _PromptBuilder:
 def _filler_budget(p: WorkloadParams, fixed_tokens: int) -> int:
     budget = p.prompt_len - fixed_tokens
     if budget < 0:
-        raise UsageError(f"prompt_len={p.prompt_len} is too short for this workload (needs > {fixed_tokens} tokens)")
+        raise UsageError(f"prompt_len={p.prompt_len} is too short for this workload "
+                         f"(needs at least {fixed_tokens} tokens)")
     return budget
 
 

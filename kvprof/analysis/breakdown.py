@@ -173,9 +173,9 @@ def memory_breakdown(events: Events, max_points: int = MAX_SERIES_POINTS) -> dic
                         if name in series)
         series["workspace"] = np.clip(allocated_now - accounted, 0, None)
 
-    device_parts = [name for name in ("weights", "kv_device", "aux_device", "workspace") if name in series]
-    if "workspace" not in series:
-        device_parts = [name for name in ("kv_device", "kv_host", "aux_device") if name in series]
+    peak_parts = (("weights", "kv_device", "aux_device", "workspace") if "workspace" in series
+                  else ("kv_device", "kv_host", "aux_device"))  # without allocator figures: all KV
+    device_parts = [name for name in peak_parts if name in series]
     total = sum(np.nan_to_num(series[name]) for name in device_parts) if device_parts else np.zeros(times.size)
     peak_at = int(np.argmax(total))
     thinned = np.unique(np.linspace(0, times.size - 1, min(times.size, max_points)).astype(np.int64))

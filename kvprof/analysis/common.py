@@ -180,6 +180,22 @@ def distribution(values: np.ndarray, scale: float = 1.0) -> dict[str, float | in
             "p90": float(p90), "p99": float(p99), "min": float(values.min()), "max": float(values.max())}
 
 
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """value / reference; None where either is missing or the reference is 0."""
+    return value / reference if value is not None and reference else None
+
+
+def nested_number(results: dict[str, Any], *keys: str) -> float | None:
+    """The number at results[keys[0]][keys[1]]..., None where a key is missing or the value is
+    not a number (analysis results read by comparisons and plots)."""
+    value: Any = results
+    for key in keys:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def maybe(value: float | np.floating | None) -> float | None:
     """A float for JSON, None for NaN or missing."""
     if value is None:

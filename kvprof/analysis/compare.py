@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import PHASE_LABELS
+from kvprof.analysis.common import nested_number, ratio
 from kvprof.strategy import UsageError
 from kvprof.trace import Trace
 
@@ -72,14 +73,7 @@ class Metric:
 
 
 def _path(*keys: str) -> Callable[[dict[str, Any]], float | None]:
-    def read(results: dict[str, Any]) -> float | None:
-        value: Any = results
-        for key in keys:
-            if not isinstance(value, dict) or value.get(key) is None:
-                return None
-            value = value[key]
-        return float(value) if isinstance(value, (int, float)) else None
-    return read
+    return lambda results: nested_number(results, *keys)
 
 
 METRICS: tuple[Metric, ...] = (
@@ -125,10 +119,6 @@ def _phase_metrics(runs: list[RunAnalysis]) -> list[Metric]:
                    _path("breakdown", "time", "seconds", phase)) for phase in seen]
 
 
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    return value / reference if value is not None and reference else None
-
-
 def compare(runs: list[RunAnalysis], baseline: int = 0) -> dict[str, Any]:
     """The comparison table of `runs` (already analyzed), ratios to `runs[baseline]`.
     Rows that no run has a value for are left out."""
@@ -142,7 +132,7 @@ def compare(runs: list[RunAnalysis], baseline: int = 0) -> dict[str, Any]:
         rows.append({
             "key": metric.key, "label": metric.label, "unit": metric.unit,
             "higher_is_better": metric.higher_is_better, "values": values,
-            "ratios": [_ratio(value, values[baseline]) for value in values],
+            "ratios": [ratio(value, values[baseline]) for value in values],
         })
     return {
         "labels": [run.label for run in runs],

@@ -26,7 +26,7 @@ import numpy as np
 
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import MEMORY_COMPONENTS, PHASE_LABELS
-from kvprof.analysis.common import strategy_labels, workload_param
+from kvprof.analysis.common import nested_number, strategy_labels, workload_param
 from kvprof.analysis.retention import kv_budget
 from kvprof.strategy import UsageError
 
@@ -50,15 +50,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _get(results: dict[str, Any], *keys: str) -> float | None:
-    value: Any = results
-    for key in keys:
-        if not isinstance(value, dict) or value.get(key) is None:
-            return None
-        value = value[key]
-    return float(value)
-
-
 def _series(runs: list[RunAnalysis], x_param: str, *y_keys: str,
             strategy_of: Callable[[RunAnalysis], str] | None = None) -> dict[str, list[tuple[float, float]]]:
     """Per series: (x, y) points sorted by x; repeated runs at one x give their median.
@@ -77,7 +68,7 @@ def _series(runs: list[RunAnalysis], x_param: str, *y_keys: str,
     points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         x = workload_param(run.trace, x_param) if x_param != "budget" else kv_budget(run.trace.run or {})
-        y = _get(run.results, *y_keys)
+        y = nested_number(run.results, *y_keys)
         if x is not None and y is not None:
             name = " ".join([strategy_of(run)] + [f"{SWEEP_PARAMS[p]}={workload_param(run.trace, p)}" for p in varying])
             points[name][float(x)].append(y)

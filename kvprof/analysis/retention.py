@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvprof.analysis.common import Events, NotApplicable, ints, require_events, take_rows
+from kvprof.analysis.common import Events, NotApplicable, ints, ratio, require_events, take_rows
 from kvprof.analysis.summary import finished_requests
 from kvprof.strategy import UsageError
 from kvprof.trace import Trace
@@ -52,9 +52,9 @@ def kv_budget(run: dict[str, Any]) -> float | None:
         return float(options["budget"])
     parts = []
     for part in ("heavy", "recent"):
-        tokens, ratio = options.get(f"{part}_tokens"), options.get(f"{part}_ratio")
+        tokens, fraction = options.get(f"{part}_tokens"), options.get(f"{part}_ratio")
         parts.append(float(tokens) / float(prompt_len) if tokens is not None and prompt_len
-                     else None if ratio is None else float(ratio))
+                     else None if fraction is None else float(fraction))
     if None not in parts:
         return sum(parts)
     if run.get("plugin") in KEEPS_ALL_KV:
@@ -108,10 +108,6 @@ def _check_same_prompts(trace: Trace, baseline: Trace) -> None:
             )
 
 
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    return value / reference if value is not None and reference else None
-
-
 def _accuracy(rows: list[dict[str, Any]], key: str) -> tuple[int, int, float | None]:
     judged = [row[key] for row in rows if row[key] is not None]
     return len(judged), sum(judged), (sum(judged) / len(judged) if judged else None)
@@ -140,14 +136,14 @@ def retention(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
         _, _, base = _accuracy(rows, "baseline_correct")
         table.append({"kind": kind, "context_tokens": context, "depth": depth, "budget": budget,
                       "requests": judged, "correct": correct, "accuracy": accuracy,
-                      "baseline_accuracy": base, "ratio": _ratio(accuracy, base)})
+                      "baseline_accuracy": base, "ratio": ratio(accuracy, base)})
     judged, correct, accuracy = _accuracy(list(own.values()), "correct")
     _, _, base = _accuracy(list(own.values()), "baseline_correct")
     return {
         "budget": budget,
         "baseline": None if baseline is None else ("self" if baseline is trace else str(baseline.path)),
         "overall": {"requests": judged, "correct": correct, "accuracy": accuracy,
-                    "baseline_accuracy": base, "ratio": _ratio(accuracy, base)},
+                    "baseline_accuracy": base, "ratio": ratio(accuracy, base)},
         "accuracy": table,
         "requests": list(own.values()),
         "survival": token_survival(trace),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-
 @dataclass(frozen=True)
 class Q:
     """A quantity: a raw value and its unit (ms, s, bytes, bytes/s, tokens/s, tokens/GB, share, ratio)."""

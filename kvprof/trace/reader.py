@@ -99,9 +99,8 @@ def read_trace(path: str | os.PathLike) -> Trace:
             f"{path}: trace is truncated (the run did not finish writing it); "
             f"{table.num_rows} events in complete batches were read"
         )
-    elif (ends := trace.of_kind("run_end")["ext"].to_pylist()) and ends[-1]:
-        if dict(ends[-1]).get("failed"):
-            trace.warnings.append(f"{path}: the run failed before finishing; events up to the failure are kept")
+    elif (ends := trace.of_kind("run_end")["ext"].to_pylist()) and dict(ends[-1] or ()).get("failed"):
+        trace.warnings.append(f"{path}: the run failed before finishing; events up to the failure are kept")
     return trace
 
 

@@ -24,7 +24,7 @@ class ArrowTraceWriter:
     """Writes every event of one run to `path`."""
 
     def __init__(self, path: str | os.PathLike, run_metadata: dict[str, Any],
-                 batch_rows: int = 8192, flush_s: float = 2.0) -> None:
+                 batch_rows: int = 8192, flush_s: float = 1.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.schema = arrow_schema(run_metadata)
