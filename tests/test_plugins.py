@@ -185,3 +185,17 @@ def test_the_sink_and_analysis_examples_of_contributing_work(site: Path, tmp_pat
     over_budget = Registry.collect(get_plugin_manager()).analyses["over_budget"].function
     result = over_budget(read_trace(report.trace_path), budget_bytes=0)
     assert result["steps_over_budget"] == result["steps"] == report.counts["decode_step"]
+
+
+def test_loading_the_built_in_plugins_imports_no_framework() -> None:
+    # `kvprof plugins` and `kvprof analyze` load every plugin: the registering modules must stay
+    # cheap. The example plugin (streamingllm) is left out: it may import torch for readability.
+    import os
+    import subprocess
+
+    code = ("from kvprof.profiler import get_plugin_manager, Registry; Registry.collect(get_plugin_manager()); "
+            "import sys; loaded = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    env = os.environ | {"KVPROF_PLUGINS": "sinks,models,analyses,transformers,h2o,infinigen,vllm"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

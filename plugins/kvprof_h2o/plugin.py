@@ -1,17 +1,21 @@
-"""Registers the `h2o` strategy: H2O heavy-hitter eviction on the transformers runner."""
+"""Registers the `h2o` strategy: H2O heavy-hitter eviction on the transformers runner.
+
+Importing this module never imports torch: `make_policy` imports the policy and attention.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvprof.hookspecs import hookimpl
 from kvprof.strategy import Option, UsageError, in_range, non_negative
-from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.plugin import TransformersStrategy
 
-from kvprof_h2o import attention
-from kvprof_h2o.policy import Budget, H2OPolicy
+if TYPE_CHECKING:  # torch: imported when the strategy runs, not when kvprof loads its plugins
+    from kvprof_transformers.loading import LoadedModel
+
+    from kvprof_h2o.policy import H2OPolicy
 
 
 def _layer_list(value: str) -> str | None:
@@ -49,13 +53,16 @@ class H2OStrategy(TransformersStrategy):
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict[str, Any]) -> H2OPolicy:
-        values = {opt.name: opt.default for opt in self.options} | dict(options)
-        budget = Budget(values["heavy_ratio"], values["recent_ratio"], values["heavy_tokens"], values["recent_tokens"])
+        from kvprof_h2o import attention
+        from kvprof_h2o.policy import Budget, H2OPolicy
+
+        budget = Budget(options["heavy_ratio"], options["recent_ratio"], options["heavy_tokens"],
+                        options["recent_tokens"])
         budget.check()
         num_layers = loaded.config.get_text_config().num_hidden_layers
-        exempt = parse_layers(values["exempt_layers"])
+        exempt = parse_layers(options["exempt_layers"])
         if any(layer >= num_layers for layer in exempt):
-            raise UsageError(f"h2o: exempt_layers={values['exempt_layers']!r}: the model has layers 0..{num_layers - 1}")
+            raise UsageError(f"h2o: exempt_layers={options['exempt_layers']!r}: the model has layers 0..{num_layers - 1}")
         previous = attention.install(loaded.model)
         # Recorded in the trace's run metadata: the attention that actually ran.
         self.attn_implementation = attention.ATTENTION_NAME

@@ -1,15 +1,18 @@
-"""Registers the `infinigen` strategy."""
+"""Registers the `infinigen` strategy. Importing this module never imports torch: `make_policy`
+imports the policy and its parts."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvprof.hookspecs import hookimpl
 from kvprof.strategy import Option, in_range, non_negative, positive
 
-from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.plugin import TransformersStrategy
-from kvprof_transformers.runner import CachePolicy
+
+if TYPE_CHECKING:
+    from kvprof_transformers.loading import LoadedModel
+    from kvprof_transformers.runner import CachePolicy
 
 COLUMN_SOURCES = ("prefill", "calibration")
 
@@ -39,7 +42,7 @@ class InfiniGenStrategy(TransformersStrategy):
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
-        from kvprof_infinigen.attention import AttentionAccess  # imports transformers: only when run
+        from kvprof_infinigen.attention import AttentionAccess
         from kvprof_infinigen.policy import InfiniGenPolicy, InfiniGenSettings
         from kvprof_infinigen.skewing import load_or_compute
 

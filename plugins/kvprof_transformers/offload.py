@@ -184,6 +184,10 @@ class HostOffloadPolicy(CachePolicy):
         KV_TRANSFER phases: one per stalled layer ("step": one per step whose duration is the sum
         of the stalls, starting at the first).
         """
+        if not self.runner.profiler.wants_events:  # warm-up, overhead baseline: nothing to resolve
+            self.copies.clear()
+            self.stalls.clear()
+            return
         step = None if batch.step < 0 else batch.step
         detail = self.runner.detail
         fetches = [c for c in self.copies if c.to_device]

@@ -1,15 +1,21 @@
-"""Registers the transformers-runner strategies: `full` (and `offload`, see offload.py)."""
+"""Registers the transformers-runner strategies: `full` (and `offload`, see offload.py).
+
+Importing this module imports neither torch nor transformers (kvprof loads every plugin for
+`kvprof plugins` and `kvprof analyze`): the runner, loading and policy modules are imported by
+the methods that use them.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kvprof.hookspecs import hookimpl
 from kvprof.profiler import Profiler
 from kvprof.strategy import RunContext, Strategy
 
-from kvprof_transformers.loading import LoadedModel, load_model
-from kvprof_transformers.runner import CachePolicy, Runner
+if TYPE_CHECKING:  # the modules below import torch: `kvprof plugins` must not pay for it
+    from kvprof_transformers.loading import LoadedModel
+    from kvprof_transformers.runner import CachePolicy
 
 
 class TransformersStrategy(Strategy):
@@ -29,10 +35,14 @@ class TransformersStrategy(Strategy):
         return {}
 
     def run(self, ctx: RunContext) -> None:
+        from kvprof_transformers.loading import load_model
+
         self.run_loaded(ctx, load_model(ctx.model, ctx.device, ctx.dtype, self.attn_implementation))
 
     def run_loaded(self, ctx: RunContext, loaded: LoadedModel) -> None:
         """`run` on a model already loaded (benchmarks run several strategies on one model)."""
+        from kvprof_transformers.runner import Runner
+
         policy = self.make_policy(loaded, ctx.options)
         vocab = loaded.config.get_text_config().vocab_size
         workload = ctx.workload.build(loaded.encode, loaded.chat_wrapping(), vocab_size=vocab)
@@ -60,6 +70,8 @@ class FullStrategy(TransformersStrategy):
     description = "all KV on the device (transformers DynamicCache): the accuracy and speed baseline"
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
+        from kvprof_transformers.runner import CachePolicy
+
         return CachePolicy()
 
 
@@ -69,7 +81,7 @@ class OffloadStrategy(TransformersStrategy):
                    "(the FlexGen-style baseline of InfiniGen)")
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
-        from kvprof_transformers.offload import HostOffloadPolicy  # imports transformers: only when run
+        from kvprof_transformers.offload import HostOffloadPolicy
 
         return HostOffloadPolicy()
 

@@ -275,7 +275,7 @@ class Runner:
 
     def _pad_id(self) -> int:
         tokenizer = self.loaded.tokenizer
-        for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
             if isinstance(value, int):
                 return value
         return 0

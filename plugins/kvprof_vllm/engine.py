@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kvprof.strategy import UsageError
 from kvprof.workloads import Request
+from kvprof_vllm.plugin import VLLM_OPTIONS
 
 if TYPE_CHECKING:
     from kvprof.models import ModelSpec
@@ -24,10 +25,8 @@ SUPPORTED_VERSIONS = "0.26 to 0.32"
 CPU_KV_CACHE_BYTES = 1 << 30  # the CPU build otherwise reserves a fraction of all host memory
 DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16", "float32": "float32", "fp32": "float32"}
-# kvprof options handed to vllm.EngineArgs unchanged when set (see plugin.VLLM_OPTIONS).
-PASS_THROUGH = ("gpu_memory_utilization", "kv_cache_memory_bytes", "max_model_len", "block_size",
-                "enable_prefix_caching", "enable_chunked_prefill", "max_num_seqs", "max_num_batched_tokens",
-                "num_gpu_blocks_override", "kv_offloading_size", "enforce_eager")
+# kvprof options handed to vllm.EngineArgs unchanged when set; the backend goes only with a size.
+PASS_THROUGH = tuple(opt.name for opt in VLLM_OPTIONS if opt.name != "kv_offloading_backend")
 
 # Called with the workload request, vLLM's id for it (added) or its RequestOutput (finished), and
 # its arrival time in monotonic nanoseconds.
@@ -139,19 +138,14 @@ def shutdown(engine: Any) -> None:
 
 def tokenizer_glue(engine: Any) -> tuple[Callable[[str], list[int]], tuple[str, str], int]:
     """What `WorkloadSpec.build` needs, from vLLM's own tokenizer: encode, chat wrapping, vocab size."""
+    from kvprof_transformers.loading import chat_wrapping
+
     tokenizer = engine.get_tokenizer()
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    chat = ("", "")
-    if getattr(tokenizer, "chat_template", None):
-        sentinel = "\x00KVPROF\x00"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
-                                             add_generation_prompt=True)
-        before, after = text.split(sentinel)
-        chat = (before, after)
-    return encode, chat, engine.vllm_config.model_config.get_vocab_size()
+    return encode, chat_wrapping(tokenizer), engine.vllm_config.model_config.get_vocab_size()
 
 
 def run_requests(engine: Any, requests: list[Request], on_added: AddedCallback | None = None,
