@@ -67,9 +67,10 @@ class InfiniGenStrategy(TransformersStrategy):
              "PG-19; partial columns are chosen from the prompt's queries summed over all batch rows (authors: "
              "batch row 0)"),
             "selected positions are sorted ascending before the gather (attention does not depend on order)",
-            ("speculation runs on the compute stream (authors: a separate stream) and is timed as a phase; the "
-             "selected positions reach the host once per speculated layer (the authors' .item() and CPU gather "
-             "do too), after the previous layer's attention and MLP are queued"),
+            ("speculation runs on the compute stream (authors: a separate stream) and is timed as a phase; only "
+             "the selected-token count reaches the host once per speculated layer (the authors' .item() does "
+             "too); where the GPU can read pinned host memory it gathers the selected rows itself on the fetch "
+             "stream (authors: a CPU gather into a pinned buffer, then a copy), else kvprof gathers on the CPU"),
             ("max_num_kv = budget x (prompt + output tokens) unless given; no host-memory pool limit or "
              "eviction (the authors have it only in their accuracy simulation)"),
             ("batches must have equal-length prompts: layers hold different token counts, so decode runs "

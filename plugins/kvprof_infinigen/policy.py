@@ -7,12 +7,14 @@ code), while layer t-1 runs:
    attention input after its input_layernorm): layer t's query for the new token — its full
    W_q projection and RoPE, since for rotary models the skew acts on post-RoPE queries — skewed
    and cut to the partial columns, scored against layer t's partial key cache (device-resident,
-   grown every step), selected by `select_tokens`; the positions go to pinned host memory in one
-   non-blocking copy. Timed as a SPECULATION phase on the compute stream.
+   grown every step), selected by `select_tokens`; the positions stay on the device, their count
+   goes to pinned host memory in one non-blocking copy. Timed as a SPECULATION phase on the
+   compute stream.
 2. fetch (a forward hook on decoder layer t-1, once its attention and MLP are queued): the host
-   waits for those positions (one host sync per layer, as in the authors' code; the device runs
-   layer t-1's attention and MLP meanwhile), gathers the rows from the pinned store into a pinned
-   staging buffer and copies them to the device on the fetch stream.
+   waits for the count (one host sync per layer, as in the authors' code: it sets the shapes; the
+   device runs layer t-1's attention and MLP meanwhile), then the store fetches the rows on the
+   fetch stream: a device gather straight from the pinned store where the GPU can read it, else
+   a host gather into a pinned staging buffer and a copy.
 3. layer t's cache `update()` makes the compute stream wait on that copy's event and attends over
    [selected ; new token]; the new K/V go back to the host store, its skewed partial key to the
    partial key cache.
@@ -55,9 +57,9 @@ class InfiniGenSettings:
 
 @dataclass
 class _Speculation:
-    positions: torch.Tensor   # host: [1 + batch*kv_heads*k] int64, count first
-    shape: tuple[int, int, int]
-    done: Any                 # CUDA event after the copy to the host (None on a CPU device)
+    positions: torch.Tensor   # [batch, kv_heads, k] int64 on the device, the first `count` selected
+    count: torch.Tensor       # host (pinned on a GPU): [1] int64, filled by a non-blocking copy
+    done: Any                 # CUDA event after the count's copy to the host (None on a CPU device)
     start: Any                # Clock marks around the speculation
     end: Any
 
@@ -116,15 +118,14 @@ class InfiniGenPolicy(HostOffloadPolicy):
         self._require_device_room(batch.size, capacity)
         cache = super().new_cache(batch)
         geometry = (batch.size, self.kv_heads, self.head_dim, self.runner.loaded.dtype, self.runner.device)
-        self.rows_ring = DeviceRing(self.max_num_kv, *geometry, staging=True)
+        self.rows_ring = DeviceRing(self.max_num_kv, *geometry, staging=not self.store.gathers_on_device)
         self.partial_keys = {
             layer: torch.empty(batch.size, self.kv_heads, capacity, self.partial_width,
                                dtype=self.runner.loaded.dtype, device=self.runner.device)
             for layer in range(FULL_LAYERS, self.num_layers)
         }
         pin = self.runner.device.type == "cuda"
-        self.position_buffers = [torch.empty(1 + batch.size * self.kv_heads * self.max_num_kv, dtype=torch.long,
-                                             pin_memory=pin) for _ in range(2)]
+        self.count_buffers = [torch.empty(1, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.speculations: dict[int, _Speculation] = {}
         self.speculation_spans: list[tuple[Any, Any, int, int]] = []
         return cache
@@ -219,26 +220,24 @@ class InfiniGenPolicy(HostOffloadPolicy):
         scores = speculative_scores(query, self.partial_skew[target], self.partial_keys[target][:, :, :held],
                                     self.access.scaling(target))
         positions, count = select_tokens(scores, self.settings.alpha, self.max_num_kv)
-        packed = torch.cat([count.view(1), positions.reshape(-1)])
-        host = self.position_buffers[target % 2][:packed.numel()]
-        host.copy_(packed, non_blocking=True)
+        host_count = self.count_buffers[target % 2]  # read two layers later at the latest
+        host_count.copy_(count.view(1), non_blocking=True)
         done = None
         if self.runner.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        self.speculations[target] = _Speculation(host, tuple(positions.shape), done, start, clock.mark())
+        self.speculations[target] = _Speculation(positions, host_count, done, start, clock.mark())
 
     def _fetch_selected(self, target: int) -> None:
-        """Wait (host) for the speculation's positions, then gather and copy those rows."""
+        """Wait (host) for the speculation's count, then fetch the selected rows."""
         speculation = self.speculations.pop(target)
         if speculation.done is not None:
             speculation.done.synchronize()
-        count = int(speculation.positions[0])
-        batch, heads, width = speculation.shape
-        rows = speculation.positions[1:].view(batch, heads, width)[..., :count]
-        copy = self.store.fetch_rows(target, rows, self.rows_ring)
+        count = int(speculation.count[0])
+        rows = speculation.positions[..., :count]
+        copy = self.store.fetch_rows(target, rows, self.rows_ring, ready=speculation.done)
         if self.runner.detail == "head":
-            copy.rows = rows.clone()  # the buffer is reused two layers later
+            copy.rows = rows.cpu()
         copy.ext.update(selected_tokens=float(count), stored_tokens=float(self.store.lengths[target]),
                         max_num_kv=float(self.max_num_kv))
         self.pending[target] = copy

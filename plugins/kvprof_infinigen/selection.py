@@ -34,7 +34,7 @@ def speculative_scores(query: torch.Tensor, partial_skew: torch.Tensor, partial_
     grouped = query.view(batch, kv_heads, query_heads // kv_heads, head_dim)
     partial_query = torch.einsum("bkgd,kdc->bkgc", grouped, partial_skew)
     scores = torch.einsum("bkgc,bksc->bkgs", partial_query, partial_keys)
-    return scores.float() * scaling
+    return scores.float().mul_(scaling)
 
 
 def select_tokens(scores: torch.Tensor, alpha: float, max_num_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +51,8 @@ def select_tokens(scores: torch.Tensor, alpha: float, max_num_kv: int) -> tuple[
     per_kv_head = relative.amax(dim=2)                             # [batch, kv_heads, tokens]
     counts = (per_kv_head > -alpha).sum(dim=-1)                    # tokens above max - alpha, per KV head
     limit = min(max_num_kv, tokens)
-    count = counts.float().mean().floor().long().clamp(max=limit)
+    count = counts.sum().div(counts.numel(), rounding_mode="floor").clamp(max=limit)  # integer floor(mean)
     top = per_kv_head.topk(limit, dim=-1, sorted=True).indices    # best first
-    chosen = torch.arange(limit, device=scores.device) < count
-    positions = torch.where(chosen, top, torch.full_like(top, tokens)).sort(dim=-1).values
+    unchosen = torch.arange(limit, device=scores.device) >= count
+    positions = top.masked_fill(unchosen, tokens).sort(dim=-1).values
     return positions, count

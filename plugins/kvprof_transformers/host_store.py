@@ -11,6 +11,12 @@ run on the store's own CUDA streams (one for host-to-device fetches, one for dev
 stores); the consumer makes the compute stream wait on the copy's CUDA event and never blocks
 the host. Each copy is timed with `Clock.mark()` on its stream.
 
+Row fetches whose positions are on the GPU gather there, without a host round trip: the pinned
+store is mapped into the device's address space (CUDA unified addressing), so one `index_select`
+on the fetch stream reads the selected rows straight over the link into the ring slot. Where that
+mapping is not available, the rows are gathered on the host into a pinned staging buffer and
+copied.
+
 On a CPU device the same calls run as plain, synchronous copies (the "device" is then the
 working set the model attends over), so the whole path is testable without a GPU.
 """
@@ -122,6 +128,8 @@ class HostKVStore:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._grow(num_layers, max(capacity, 1))
+        self.gathers_on_device = self.cuda and _device_can_read_pinned(device)
+        self._row_offsets: torch.Tensor | None = None  # device: b*H + h, per (batch row, head)
 
     # --- memory ------------------------------------------------------------------------------
 
@@ -138,6 +146,7 @@ class HostKVStore:
             self.keys[layer][:length].copy_(old_keys[layer][:length])
             self.values[layer][:length].copy_(old_values[layer][:length])
         self.capacity = capacity
+        self._mapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> device views of the store
 
     @property
     def token_bytes(self) -> int:
@@ -191,10 +200,49 @@ class HostKVStore:
             done = _record(stream)
         return self._fetched(layer, slot, count, start, end, done)
 
-    def fetch_rows(self, layer: int, rows: torch.Tensor, ring: DeviceRing) -> Copy:
-        """Gather the given tokens of each (batch row, KV head) on the host into the slot's
-        pinned staging buffer, then copy them to the slot. `rows` is a host int64 tensor
-        ``[batch, kv_heads, n]`` of positions below the layer's length."""
+    def fetch_rows(self, layer: int, rows: torch.Tensor, ring: DeviceRing, ready: Any = None) -> Copy:
+        """Copy the given tokens of each (batch row, KV head) to the layer's ring slot. `rows` is
+        an int64 tensor ``[batch, kv_heads, n]`` of positions below the layer's length, on the
+        host or on the device; `ready` is a CUDA event after which device `rows` are valid.
+
+        Device rows on a GPU that can read the pinned store: gathered by the device on the fetch
+        stream. Otherwise: gathered on the host into the slot's pinned staging buffer, then copied.
+        """
+        if self.gathers_on_device and rows.is_cuda:
+            return self._gather_on_device(layer, rows, ring, ready)
+        return self._gather_on_host(layer, rows.cpu(), ring)
+
+    def _gather_on_device(self, layer: int, rows: torch.Tensor, ring: DeviceRing, ready: Any) -> Copy:
+        batch, heads, count = rows.shape
+        slot = ring.slot(layer, count)
+        stream = self.fetch_stream
+        gather_start = time.perf_counter_ns()
+        with self._fetching(layer, slot, ready):
+            rows.record_stream(stream)  # made on the compute stream, read here
+            if self._row_offsets is None:
+                self._row_offsets = torch.arange(batch * heads, device=self.device).view(batch, heads)
+            # Row r of the flattened store is (token r // (B*H), batch row, head) in that order.
+            flat = torch.empty((count, batch, heads), dtype=torch.int64, device=self.device)
+            torch.add(self._row_offsets, rows.permute(2, 0, 1), alpha=batch * heads, out=flat)
+            keys, values = self._mapped_layer(layer)
+            start = self.clock.mark(stream)
+            torch.index_select(keys, 0, flat.view(-1), out=_as_rows(slot.keys[:count], keys.dtype))
+            torch.index_select(values, 0, flat.view(-1), out=_as_rows(slot.values[:count], values.dtype))
+            end = self.clock.mark(stream)
+            done = _record(stream)
+        copy = self._fetched(layer, slot, count, start, end, done)
+        copy.ext["gather_ns"] = float(time.perf_counter_ns() - gather_start)  # host time to issue it
+        return copy
+
+    def _mapped_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's pinned keys and values as device tensors of rows (one per token, batch row
+        and head), the widest element that divides a row, for fewer, wider reads over the link."""
+        if layer not in self._mapped:
+            self._mapped[layer] = (_as_rows(_mapped(self.keys[layer], self.device)),
+                                   _as_rows(_mapped(self.values[layer], self.device)))
+        return self._mapped[layer]
+
+    def _gather_on_host(self, layer: int, rows: torch.Tensor, ring: DeviceRing) -> Copy:
         batch, heads, count = rows.shape
         slot = ring.slot(layer, count)
         if slot.fetched is not None:
@@ -221,12 +269,12 @@ class HostKVStore:
         copy.ext["gather_ns"] = float(gather_ns)
         return copy
 
-    def _fetching(self, layer: int, slot: _Slot) -> Any:
+    def _fetching(self, layer: int, slot: _Slot, ready: Any = None) -> Any:
         """The context a fetch into `slot` runs in: on CUDA the fetch stream, after the slot's
-        previous reader and the layer's last store."""
+        previous reader, the layer's last store and `ready` (an event the fetch's input needs)."""
         stream = self.fetch_stream
         if stream is not None:
-            for event in (slot.consumed, self._stored[layer]):
+            for event in (slot.consumed, self._stored[layer], ready):
                 if event is not None:
                     stream.wait_event(event)
         return _on(stream)
@@ -288,3 +336,48 @@ def _record(stream: Any) -> Any:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _as_rows(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous ``[..., head_dim]`` tensor as a 2-D tensor of rows, each row reinterpreted
+    as `dtype` (default: the widest of int64/int32/int16 whose size divides a row's bytes)."""
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    if dtype is None:
+        dtype = next(d for d in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                     if row_bytes % torch.empty((), dtype=d).element_size() == 0)
+    return tensor.view(-1, tensor.shape[-1]).view(dtype)
+
+
+class _CudaArray:
+    """A device-side description (``__cuda_array_interface__``) of a pinned host tensor's bytes."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor  # keeps the host memory alive as long as the device view
+        self.__cuda_array_interface__ = {"shape": (tensor.numel() * tensor.element_size(),), "typestr": "|u1",
+                                         "data": (tensor.data_ptr(), False), "version": 3, "strides": None}
+
+
+def _mapped(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device tensor aliasing a contiguous pinned host tensor: with unified addressing, pinned
+    memory has the same address on the device, and kernels reading it read over the link."""
+    raw = torch.as_tensor(_CudaArray(tensor), device=device)
+    if raw.data_ptr() != tensor.data_ptr():
+        raise RuntimeError("the pinned tensor was copied, not mapped")
+    return raw.view(tensor.dtype).view(tensor.shape)
+
+
+_MAPPING_WORKS: dict[str, bool] = {}
+
+
+def _device_can_read_pinned(device: torch.device) -> bool:
+    """Whether kernels on `device` read pinned host memory through `_mapped` (checked once per
+    device by reading back a known tensor)."""
+    key = str(device)
+    if key not in _MAPPING_WORKS:
+        try:
+            probe = torch.arange(1024, dtype=torch.int64).pin_memory()
+            read = _mapped(probe, device).index_select(0, torch.arange(1023, -1, -1, device=device))
+            _MAPPING_WORKS[key] = torch.equal(read.cpu(), probe.flip(0))
+        except (RuntimeError, TypeError, ValueError):
+            _MAPPING_WORKS[key] = False
+    return _MAPPING_WORKS[key]
