@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvprof.models import EMBEDDED, WEIGHTS
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.profiler import Registry, SinkError, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
 from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
@@ -117,8 +117,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         where = f" (the events so far are in {trace_path})" if trace_path else ""
         if isinstance(error, UsageError):
             raise UsageError(f"{error}{where}") from None
-        print(f"kvprof: plugin {outcome.plugin!r} (strategy {args.plugin}) failed: "
-              f"{type(error).__name__}: {error}{where}", file=sys.stderr)
+        culprit = f"plugin {error.plugin!r}" if isinstance(error, SinkError) else \
+            f"plugin {outcome.plugin!r} (strategy {args.plugin})"
+        print(f"kvprof: {culprit} failed: {type(error).__name__}: {error}{where}", file=sys.stderr)
         if os.environ.get("KVPROF_DEBUG"):
             raise error
         return 1

@@ -23,8 +23,8 @@ Two families:
 
 Event hooks run on the hot path: keep them cheap, defer work to `run_end`, never touch the
 device (no `.item()`, no synchronize). They return nothing; an exception in a sink aborts the
-run as a crash of the strategy does (`KVPROF_DEBUG=1 kvprof trace ...` shows the traceback into
-the sink), and the trace written so far stays readable.
+run with a `kvprof.profiler.SinkError` that names the sink's plugin (`KVPROF_DEBUG=1 kvprof trace
+...` shows the traceback into the sink), and the trace written so far stays readable.
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ ENTRY_POINT_GROUP = "kvprof"
 PLUGINS_ENV = "KVPROF_PLUGINS"  # comma-separated plugin names to load; unset = all
 
 
+class SinkError(Exception):
+    """A sink raised while handling an event; names the sink's plugin."""
+
+    def __init__(self, plugin: str, kind: str, error: BaseException) -> None:
+        super().__init__(f"sink {plugin!r} failed on a {kind} event: {type(error).__name__}: {error}")
+        self.plugin = plugin
+
+
 @dataclass
 class PluginFailure:
     """A plugin that was skipped, and why (`kvprof plugins` lists these)."""
@@ -228,14 +236,21 @@ class Profiler:
             return
         self.started = True
         if self.run.sinks_enabled:
-            for sinks in self.pm.hook.kvprof_make_sinks(run=self.run, profiler=self):
-                for sink in sinks or ():
-                    self.pm.register(sink)
-                    self._sinks.append(sink)
+            self._attach_sinks()
         now = time.monotonic_ns()
         event = Event(Kind.RUN_START, now, now, seq=0, run_id=self.run.run_id)
         self.events_emitted = 1
         self.pm.hook.kvprof_run_start(run=self.run, event=event)
+
+    def _attach_sinks(self) -> None:
+        """Register each plugin's sinks under "<plugin>:<class>", so an error can name them."""
+        arguments = {"run": self.run, "profiler": self}
+        for impl in self.pm.hook.kvprof_make_sinks.get_hookimpls():
+            sinks = impl.function(**{name: arguments[name] for name in impl.argnames}) or ()
+            for index, sink in enumerate(sinks):
+                name = f"{self.pm.get_name(impl.plugin)}:{type(sink).__name__}"
+                self.pm.register(sink, name=name if self.pm.get_plugin(name) is None else f"{name}#{index}")
+                self._sinks.append(sink)
 
     def end(self, error: BaseException | None = None) -> None:
         """Fire run_end and detach the sinks; a run that failed before start() still gets
@@ -268,8 +283,21 @@ class Profiler:
             event.seq = self.events_emitted
             event.run_id = self.run.run_id
             self.events_emitted += 1
-            self._hooks[event.kind](event=event)
+            try:
+                self._hooks[event.kind](event=event)
+            except Exception as exc:
+                raise SinkError(self._failed_plugin(event.kind, exc), event.kind.value, exc) from exc
             self.hook_ns += time.perf_counter_ns() - t0
+
+    def _failed_plugin(self, kind: Kind, exc: BaseException) -> str:
+        """The name of the plugin whose hook implementation raised `exc` (from its traceback)."""
+        codes = {impl.function.__code__: impl.plugin for impl in self._hooks[kind].get_hookimpls()}
+        traceback = exc.__traceback__
+        while traceback is not None:
+            if traceback.tb_frame.f_code in codes:
+                return self.pm.get_name(codes[traceback.tb_frame.f_code]) or "?"
+            traceback = traceback.tb_next
+        return "?"
 
     def emit_prefill(self, start_ns: int, end_ns: int, **fields: Any) -> None:
         self.emit(Event(Kind.PREFILL, start_ns, end_ns, **fields))

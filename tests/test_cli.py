@@ -106,3 +106,36 @@ def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monke
     trace = read_trace(path)
     assert trace.table["kind"].cast("string").to_pylist() == ["run_start", "prefill", "run_end"]
     assert any("failed" in warning for warning in trace.warnings)
+
+
+class ExplodingSink:
+    @hookimpl
+    def kvprof_decode_step(self, event):
+        raise ValueError("sink broke")
+
+
+class ExplodingSinkPlugin:
+    @hookimpl
+    def kvprof_make_sinks(self, run, profiler):
+        return [ExplodingSink()]
+
+
+def test_a_crashing_sink_is_named_and_the_trace_stays_readable(tmp_path, monkeypatch, capsys):
+    from kvprof import cli, session
+    from kvprof.profiler import get_plugin_manager
+    from kvprof.trace import read_trace
+
+    def manager_with_exploding_sink():
+        pm = get_plugin_manager()
+        pm.register(ExplodingSinkPlugin(), name="exploding-sink")
+        return pm
+
+    monkeypatch.setattr(session, "get_plugin_manager", manager_with_exploding_sink)
+    path = tmp_path / "sink.arrow"
+    status = cli.main(["trace", "--plugin", "full", "--model", "tiny-llama", "--weights", "random",
+                       "--prompt-len", "16", "--output-len", "4", "-o", str(path)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "plugin 'exploding-sink:ExplodingSink' failed" in err and "sink broke" in err and "Traceback" not in err
+    kinds = read_trace(path).table["kind"].cast("string").to_pylist()
+    assert kinds[:2] == ["run_start", "prefill"] and kinds[-1] == "run_end"
