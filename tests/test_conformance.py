@@ -407,3 +407,31 @@ def test_the_fixture_fails_a_test_with_the_report(tmp_path: Path, pytester: pyte
     assert "  [fields] seq 3: evict (request r0) has no reason; every evict event needs one (see hook kvprof_evict)" \
         in output
     assert "Traceback" not in output and "def test_bad" not in output  # the report, not a stack
+
+
+def test_block_allocated_kv_may_grow_by_a_block_per_request(tmp_path):
+    """An engine that allocates KV in blocks (the trace states extra["kv_block_bytes"]) may add a
+    whole block for one new token; without that statement the same growth is a problem."""
+    from kvprof.events import Event, Kind
+    from kvprof.testing.conformance import check_trace
+    from kvprof.trace import ArrowTraceWriter
+
+    per_token, block = 100, 1600  # 16 tokens a block
+
+    def write(path, run_extra):
+        events = [
+            Event(Kind.RUN_START, 0, 0),
+            Event(Kind.PREFILL, 1, 2, request_id="r", tokens=32, kv_device_bytes=32 * per_token),
+            Event(Kind.DECODE_STEP, 3, 4, step=0, batch_size=1, tokens=1, kv_device_bytes=32 * per_token + block),
+            Event(Kind.REQUEST_END, 0, 5, request_id="r", tokens=2, text="x"),
+            Event(Kind.RUN_END, 6, 6, ext={"profiler_events": 4.0}),
+        ]
+        writer = ArrowTraceWriter(path, {"plugin": "blocks", "extra": run_extra, "workload": {}})
+        for seq, event in enumerate(events):
+            event.seq, event.run_id = seq, "r1"
+            writer.add(event)
+        writer.close()
+        return [p for p in check_trace(path).problems if p.check == "accounting"]
+
+    assert write(tmp_path / "blocks.arrow", {"kv_block_bytes": block}) == []
+    assert write(tmp_path / "tokens.arrow", {}) != []

@@ -152,9 +152,10 @@ def test_prefix_sharing_gives_cache_hits_and_prefix_cache_evictions(prefix_shari
 
 
 def test_traces_keep_kvprofs_event_contract(pressure, prefix_sharing):
-    # All of the conformance kit but its device-KV accounting, which assumes KV grows a token at a
-    # time: vLLM allocates whole blocks, and a prefix-cache eviction reuses a block that vLLM
-    # already counted as free (see kvprof_vllm.observer, "Sizes").
+    # The whole conformance kit but its device-KV accounting. The kit allows one fresh block per
+    # request in flight (the trace states vLLM's block size, run extra["kv_block_bytes"]), but a
+    # prefix-cache eviction frees a block that vLLM already counted as free, so the freed bytes do
+    # not show in kv_device_bytes (see kvprof_vllm.observer, "Sizes").
     from kvprof.testing.conformance import check_trace
 
     for trace in (pressure, prefix_sharing):

@@ -283,8 +283,14 @@ def check_accounting(trace: Trace) -> list[Problem]:
     found = _Problems("accounting")
     rows = events(trace)
     _check_entry_sizes(rows, found)
-    _check_device_balance(rows, found)
+    _check_device_balance(rows, found, _block_bytes(trace))
     return found.result()
+
+
+def _block_bytes(trace: Trace) -> int:
+    """KV allocation granularity: engines that allocate KV in blocks (vLLM) state the bytes of one
+    block in the run metadata as extra["kv_block_bytes"]; token-granular engines state nothing."""
+    return int((trace.run.get("extra") or {}).get("kv_block_bytes") or 0)
 
 
 def _check_entry_sizes(rows: list[dict[str, Any]], found: _Problems) -> None:
@@ -313,13 +319,14 @@ def _check_entry_sizes(rows: list[dict[str, Any]], found: _Problems) -> None:
                       "the same size", sort=f"{e['kind']} bytes per entry that change")
 
 
-def _check_device_balance(rows: list[dict[str, Any]], found: _Problems) -> None:
+def _check_device_balance(rows: list[dict[str, Any]], found: _Problems, block_bytes: int = 0) -> None:
     """Between two reports of device KV (prefill and decode_step events), the drop must be
     explained by evictions and transfers, and the rest of the change by new tokens.
 
     A request's KV may be released without an event once the request ended, so intervals with
     a request_end are not checked. New tokens can add at most `bytes_per_token` each: the most
-    bytes any group of prefill events wrote per prompt token (an upper bound, padding included).
+    bytes any group of prefill events wrote per prompt token (an upper bound, padding included),
+    plus, where KV is allocated in blocks of `block_bytes`, one fresh block per request in flight.
     """
     intervals = _residency_intervals(rows)
     bytes_per_token = max((i.written / i.tokens for i in intervals if i.prefill and i.tokens > 0), default=None)
@@ -334,7 +341,7 @@ def _check_device_balance(rows: list[dict[str, Any]], found: _Problems) -> None:
                       f"bytes: report all freed memory in evict events", sort="device KV freed without an event")
         if i.prefill or bytes_per_token is None:
             continue
-        limit = max(i.report["tokens"] or 0, i.in_flight) * bytes_per_token
+        limit = max(i.report["tokens"] or 0, i.in_flight) * bytes_per_token + i.in_flight * block_bytes
         if i.written > limit:
             found.add(i.report["seq"], f"device KV went from {i.before} to {i.after} bytes since seq {i.since} while "
                       f"evict events report {i.freed} bytes freed: that leaves "
