@@ -86,21 +86,27 @@ class CrashingPlugin:
         register(CrashingStrategy)
 
 
-def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monkeypatch, capsys):
+def trace_with_extra_plugin(monkeypatch, capsys, plugin, name, args):
+    """`kvprof trace ARGS` with `plugin` registered beside the installed ones: (status, stderr)."""
     from kvprof import cli, session
     from kvprof.profiler import get_plugin_manager
-    from kvprof.trace import read_trace
 
-    def manager_with_crashing_plugin():
+    def manager_with_plugin():
         pm = get_plugin_manager()
-        pm.register(CrashingPlugin(), name="crashing-plugin")
+        pm.register(plugin, name=name)
         return pm
 
-    monkeypatch.setattr(session, "get_plugin_manager", manager_with_crashing_plugin)
+    monkeypatch.setattr(session, "get_plugin_manager", manager_with_plugin)
+    status = cli.main(["trace", "--model", "tiny-llama", "--weights", "random", *args])
+    return status, capsys.readouterr().err
+
+
+def test_a_crashing_plugin_is_named_and_its_trace_stays_readable(tmp_path, monkeypatch, capsys):
+    from kvprof.trace import read_trace
+
     path = tmp_path / "crash.arrow"
-    status = cli.main(["trace", "--plugin", "crashes", "--model", "tiny-llama", "--weights", "random",
-                       "-o", str(path)])
-    err = capsys.readouterr().err
+    status, err = trace_with_extra_plugin(monkeypatch, capsys, CrashingPlugin(), "crashing-plugin",
+                                          ["--plugin", "crashes", "-o", str(path)])
     assert status == 1
     assert "crashing-plugin" in err and "boom inside the plugin" in err and "Traceback" not in err
     trace = read_trace(path)
@@ -121,20 +127,12 @@ class ExplodingSinkPlugin:
 
 
 def test_a_crashing_sink_is_named_and_the_trace_stays_readable(tmp_path, monkeypatch, capsys):
-    from kvprof import cli, session
-    from kvprof.profiler import get_plugin_manager
     from kvprof.trace import read_trace
 
-    def manager_with_exploding_sink():
-        pm = get_plugin_manager()
-        pm.register(ExplodingSinkPlugin(), name="exploding-sink")
-        return pm
-
-    monkeypatch.setattr(session, "get_plugin_manager", manager_with_exploding_sink)
     path = tmp_path / "sink.arrow"
-    status = cli.main(["trace", "--plugin", "full", "--model", "tiny-llama", "--weights", "random",
-                       "--prompt-len", "16", "--output-len", "4", "-o", str(path)])
-    err = capsys.readouterr().err
+    status, err = trace_with_extra_plugin(monkeypatch, capsys, ExplodingSinkPlugin(), "exploding-sink",
+                                          ["--plugin", "full", "--prompt-len", "16", "--output-len", "4",
+                                           "-o", str(path)])
     assert status == 1
     assert "plugin 'exploding-sink:ExplodingSink' failed" in err and "sink broke" in err and "Traceback" not in err
     kinds = read_trace(path).table["kind"].cast("string").to_pylist()
