@@ -313,11 +313,6 @@ def test_a_model_whose_attention_cannot_be_hooked_is_a_usage_error() -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2(embedded_checkpoint_dir: Path) -> LoadedModel:
-    return load_model(resolve_model("smollm2-135m"), "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
 def passkey_requests(smollm2: LoadedModel) -> list[Request]:
     spec = WorkloadSpec("passkey", WorkloadParams(prompt_len=256, output_len=12, num_prompts=2, depth=0.4))
     return spec.build(smollm2.encode, smollm2.chat_wrapping()).requests

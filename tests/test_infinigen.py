@@ -116,11 +116,6 @@ def test_skew_is_orthogonal_keeps_scores_and_concentrates_energy() -> None:
 # --- on real and tiny models ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2(embedded_checkpoint_dir: Path) -> LoadedModel:
-    return load_model(resolve_model("smollm2-135m"), "cpu")
-
-
 @pytest.mark.slow
 def test_alpha_large_enough_to_select_everything_reproduces_full(smollm2: LoadedModel, tmp_path: Path) -> None:
     requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)

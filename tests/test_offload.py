@@ -47,11 +47,6 @@ def test_host_store_appends_grows_and_fetches_whole_layers_and_rows() -> None:
 # --- against full --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2(embedded_checkpoint_dir: Path) -> LoadedModel:
-    return load_model(resolve_model("smollm2-135m"), "cpu")
-
-
 @pytest.mark.slow
 def test_offload_generates_what_full_generates_also_with_padding(smollm2: LoadedModel, tmp_path: Path) -> None:
     requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)
