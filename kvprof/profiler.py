@@ -205,7 +205,9 @@ class Profiler:
     """What strategies report to. One per run; `emit_*` delivers events to the sinks.
 
     Delivery is serialized with a lock (samplers emit from their own threads), and its
-    cost is accumulated in `hook_ns` and reported in the run_end event.
+    cost is accumulated in `hook_ns` and reported in the run_end event. `enabled` is False for
+    warm-up runs and overhead baselines: nothing listens, so strategies may skip building
+    event payloads and measuring.
     """
 
     def __init__(self, pm: pluggy.PluginManager, run: RunInfo, enabled: bool = True) -> None:
@@ -319,8 +321,3 @@ class Profiler:
 
     def emit_request_end(self, start_ns: int, end_ns: int, **fields: Any) -> None:
         self.emit(Event(Kind.REQUEST_END, start_ns, end_ns, **fields))
-
-    @property
-    def wants_events(self) -> bool:
-        """False when nothing listens: strategies may skip building costly event payloads."""
-        return self.enabled

@@ -229,7 +229,7 @@ class H2OPolicy(CachePolicy):
     def _report(self, batch: Batch, cache: Any) -> None:
         """Emit this forward's eviction spans and evict events, at the run's detail level."""
         state = self.state
-        if not self.runner.profiler.wants_events or not state.spans:
+        if not self.runner.profiler.enabled or not state.spans:
             return
         clock = self.runner.clock
         spans = {layer: (clock.resolve(start), clock.resolve(end)) for layer, start, end in state.spans}

@@ -184,7 +184,7 @@ class HostOffloadPolicy(CachePolicy):
         KV_TRANSFER phases: one per stalled layer ("step": one per step whose duration is the sum
         of the stalls, starting at the first).
         """
-        if not self.runner.profiler.wants_events:  # warm-up, overhead baseline: nothing to resolve
+        if not self.runner.profiler.enabled:  # warm-up, overhead baseline: nothing to resolve
             self.copies.clear()
             self.stalls.clear()
             return

@@ -161,7 +161,7 @@ class StepObserver:
     def bind(self, profiler: Profiler) -> None:
         """Report to `profiler` from now on, steps counted from 0 (an engine may serve several runs)."""
         self.profiler = profiler
-        self.recording = profiler.wants_events
+        self.recording = profiler.enabled
         self.events = []
         self.preemptions = 0
         self.cost_ns = 0
