@@ -57,6 +57,9 @@ class Request:
     arrival_s: float = 0.0
     ignore_eos: bool = False
     probe: Probe | None = None
+    # A second turn fed through the same cache after the prompt was prefilled and managed
+    # (`--question after`): the engine prefills it as a second chunk before decoding.
+    followup_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

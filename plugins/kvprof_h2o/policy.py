@@ -124,6 +124,8 @@ class H2OPolicy(CachePolicy):
 
     name = "h2o"
 
+    supports_followup = False
+
     def __init__(self, budget: Budget, exempt_layers: frozenset[int], previous_attention: str | None = None) -> None:
         self.budget = budget
         self.exempt_layers = exempt_layers

@@ -80,6 +80,11 @@ class HostOffloadPolicy(CachePolicy):
     fetched for it, plus the new token. Subclasses say which layers are fetched whole."""
 
     name = "offload"
+    supports_followup = False
+    overlap = True
+
+    def __init__(self, overlap: bool = True) -> None:
+        self.overlap = overlap
 
     def bind(self, runner: Runner) -> None:
         super().bind(runner)
@@ -148,8 +153,9 @@ class HostOffloadPolicy(CachePolicy):
         return hook
 
     def before_layer(self, layer: int) -> None:
-        """Decode, layer `layer` starts: make sure its fetch is issued, and prefetch the next."""
-        for target in (layer, layer + 1):
+        """Decode, layer `layer` starts: make sure its fetch is issued, and (overlap) prefetch the
+        next, so its copy runs while this layer computes."""
+        for target in (layer, layer + 1) if self.overlap else (layer,):
             if target < self.num_layers and self.fetches_whole(target) and target not in self.pending:
                 self.pending[target] = self.store.fetch_all(target, self.whole_ring)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from kvprof.hookspecs import hookimpl
 from kvprof.profiler import Profiler
-from kvprof.strategy import RunContext, Strategy
+from kvprof.strategy import Option, RunContext, Strategy
 
 if TYPE_CHECKING:  # the modules below import torch: `kvprof plugins` must not pay for it
     from kvprof_transformers.loading import LoadedModel
@@ -61,29 +61,52 @@ class TransformersStrategy(Strategy):
             silent = Profiler(ctx.profiler.pm, run, enabled=False)
             warm_policy = self.make_policy(loaded, ctx.options)
             Runner(loaded, warm_policy, silent, detail=ctx.detail).run(workload.requests[:batch_size], batch_size)
-        ctx.profiler.start()
-        Runner(loaded, policy, ctx.profiler, detail=ctx.detail).run(workload.requests, batch_size)
+        # The trace starts once the policy has allocated its buffers and captured its graphs.
+        runner = Runner(loaded, policy, ctx.profiler, detail=ctx.detail)
+        runner.run(workload.requests, batch_size, on_ready=ctx.profiler.start)
+
+
+GRAPHS = Option("graphs", True, "capture the decode step in a CUDA graph (CUDA only; false: eager steps)")
 
 
 class FullStrategy(TransformersStrategy):
     name = "full"
-    description = "all KV on the device (transformers DynamicCache): the accuracy and speed baseline"
+    description = "all KV on the device in a preallocated cache: the accuracy and speed baseline"
+    options = (
+        GRAPHS,
+        Option("engine", "static", "static: kvprof's preallocated cache and graph-captured decode; "
+               "eager: transformers' DynamicCache, one synchronised step at a time (the reference)",
+               check=lambda v: None if v in ("static", "eager") else "must be static or eager"),
+    )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
-        from kvprof_transformers.runner import CachePolicy
+        from kvprof_transformers.runner import CachePolicy, StaticPolicy
 
-        return CachePolicy()
+        if options.get("engine", "static") == "eager":
+            return CachePolicy()
+        return StaticPolicy(graphs=options.get("graphs", True))
+
+    def policy_metadata(self, policy: CachePolicy) -> dict:
+        return {"engine": "static" if hasattr(policy, "graphs") else "eager",
+                "cuda_graphs": bool(getattr(policy, "graphs", False))}
 
 
 class OffloadStrategy(TransformersStrategy):
     name = "offload"
     description = ("whole-layer KV offload to host memory, each layer prefetched during the previous one "
                    "(the FlexGen-style baseline of InfiniGen)")
+    options = (
+        Option("overlap", True, "prefetch layer i+1 while layer i computes; false: fetch each layer when "
+               "it is needed (FlexGen without overlap, the baseline of the InfiniGen paper)"),
+    )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
         from kvprof_transformers.offload import HostOffloadPolicy
 
-        return HostOffloadPolicy()
+        return HostOffloadPolicy(overlap=options.get("overlap", True))
+
+    def policy_metadata(self, policy: CachePolicy) -> dict:
+        return {"overlap": bool(getattr(policy, "overlap", True))}
 
 
 @hookimpl

@@ -1,34 +1,46 @@
 """The instrumented prefill + decode loop over a transformers model, with a pluggable cache.
 
 The loop is greedy and batched with left padding. It passes true `position_ids` and keeps a
-2-D attention mask in cache-slot coordinates (`Batch.attention_mask`); both stay right even when
-a policy drops cache entries, as long as the policy keeps the mask in step with the slots it
-keeps (or supplies its own mask through `CachePolicy.attention_mask`).
+2-D attention mask in cache-slot coordinates (`Batch.attention_mask`).
 
 A `CachePolicy` is what a strategy plugs in: it makes the cache, may act after prefill and after
 each step (evict, offload, prefetch), reports what it did through the profiler, and says how
-many KV bytes live in each tier. The runner times prefill and each decode step with
-synchronized timestamps and emits prefill, decode_step, sample and request_end events.
+many KV bytes live in each tier. Two kinds of policy, two decode loops:
+
+* `StaticPolicy` (the fast engine, `full`'s default): kvprof owns a preallocated cache
+  (`static_cache.StaticKV`) and computes attention itself; the decode step is captured once in
+  a CUDA graph and replayed. No host synchronisation inside a step: each step is timed by CUDA
+  events around its replay, tokens stay on the device, and the host drains finished steps
+  (timestamps, tokens, events) `DRAIN_LAG` steps behind the device, so it never idles it.
+* `CachePolicy` (the eager engine): transformers' own cache classes, one synchronised step at a
+  time. Reference implementations and policies that hook the model their own way use it.
+
+Requests may carry a follow-up (`Request.followup_token_ids`): it is fed as a second prefill
+chunk through the same cache after `after_prefill`, as a chat's next turn would be.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from kvprof.clock import Clock
 from kvprof.profiler import Profiler
+from kvprof.strategy import UsageError
 from kvprof.workloads import Request
 
 from kvprof_transformers.loading import LoadedModel
+from kvprof_transformers.static_cache import (
+    PassThroughCache, StaticKV, decode_attention, install, prefill_attention, uninstall,
+)
 
 
 @dataclass
 class KVBytes:
-    """Bytes of KV (and strategy structures) per tier, measured from the tensors."""
+    """Bytes of KV (and strategy structures) per tier."""
 
     device: int = 0
     host: int = 0
@@ -44,6 +56,7 @@ class Batch:
     attention_mask: torch.Tensor        # (B, S) 1 = real token, in cache-slot coordinates
     next_positions: torch.Tensor        # (B,) true position of each row's next token
     prompt_lens: list[int]
+    arrival_ns: list[int] = field(default_factory=list)  # when each request arrived (queueing counts)
     step: int = -1                      # -1 during prefill, then 0, 1, ...
     start_ns: int = 0                   # when the batch's prefill started
     outputs: list[list[int]] = field(default_factory=list)
@@ -58,16 +71,29 @@ class Batch:
         width = self.input_ids.shape[1]
         return [width - n for n in self.prompt_lens]
 
+    @property
+    def slots(self) -> int:
+        """Cache slots each row has filled so far (prompt, follow-up and fed tokens, padding too)."""
+        return self.attention_mask.shape[1]
+
 
 class CachePolicy:
-    """The default policy: transformers' DynamicCache, everything on the device (`full`)."""
+    """The eager engine's policy: transformers' DynamicCache, everything on the device.
+
+    `full --opt engine=eager` runs it; it is the reference the fast engine is tested against.
+    """
 
     name = "full"
+    supports_followup = True            # may a second prefill chunk follow `after_prefill`?
 
     def bind(self, runner: Runner) -> None:
         """Called once before the first batch: the runner gives access to the model, the
         profiler, the clock and the detail level. Install hooks on the model here."""
         self.runner = runner
+
+    def prepare(self, batch_size: int, slots: int) -> None:
+        """Called once before the traced run starts, with the largest batch and the most cache
+        slots a row will need: allocate and capture here, outside every timing."""
 
     def new_cache(self, batch: Batch) -> Any:
         from transformers import DynamicCache
@@ -78,8 +104,12 @@ class CachePolicy:
         """The mask for the next forward (prefill: the prompt's; decode: one more column)."""
         return batch.attention_mask
 
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        """Called after each prefill chunk's forward (`tokens` slots per row were written)."""
+
     def after_prefill(self, batch: Batch, cache: Any) -> None:
-        """Called once the prompt is in the cache and the first token is chosen."""
+        """Called once the prompt is in the cache and the first token is chosen (before a
+        follow-up chunk, if the requests have one)."""
 
     def after_step(self, batch: Batch, cache: Any) -> None:
         """Called after each decode step's forward, before the step's end is timed."""
@@ -105,8 +135,121 @@ class CachePolicy:
         """Called once after the last batch: remove hooks, free buffers."""
 
 
+class StaticPolicy(CachePolicy):
+    """The fast engine's policy (`full`): a preallocated `StaticKV`, attended by kvprof.
+
+    Subclasses that keep other state override `attend` (eager during prefill chunks, captured
+    in the decode graph when `decoding`), `before_decode_step` / `after_decode_step` (inside
+    the graph: device work only) and `drain` (on the host, for steps already finished).
+    """
+
+    def __init__(self, graphs: bool = True) -> None:
+        self.graphs = graphs
+        self.kv: StaticKV | None = None
+        self.decoding = False
+
+    def bind(self, runner: Runner) -> None:
+        super().bind(runner)
+        text = runner.loaded.config.get_text_config()
+        self.num_layers = text.num_hidden_layers
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.previous_attention = install(runner.model, self)
+
+    def prepare(self, batch_size: int, slots: int) -> None:
+        needed = 2 * self.num_layers * self.kv_heads * self.head_dim * self.runner.loaded.dtype.itemsize \
+            * batch_size * slots
+        available = free_memory_bytes(self.runner.device)
+        if needed > available:
+            raise UsageError(f"{self.name}: the preallocated KV cache needs {needed / 2**30:.2f} GiB "
+                             f"({batch_size} rows x {slots} slots) but the {self.runner.device.type} has "
+                             f"{available / 2**30:.2f} GiB free; lower --batch-size, --prompt-len or --output-len")
+        self._allocate(batch_size, slots)
+
+    def _allocate(self, batch_size: int, slots: int) -> None:
+        if self.kv is not None and (self.kv.batch, self.kv.slots) == (batch_size, slots):
+            return
+        self.kv = None  # free the old buffers before taking new ones
+        self.runner.graph = None
+        loaded = self.runner.loaded
+        self.kv = StaticKV(self.num_layers, batch_size, self.kv_heads, slots, self.head_dim,
+                           loaded.dtype, self.runner.device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.runner.device)
+
+    def new_cache(self, batch: Batch) -> PassThroughCache:
+        self._allocate(batch.size, self.runner.slots)
+        self.kv.reset()
+        self.key_valid = None if all(n == 0 for n in batch.pad_lens) else batch.attention_mask
+        self.filled = 0
+        self.decoding = False
+        return PassThroughCache()
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        kv = self.kv
+        if self.decoding:
+            kv.write_at(layer, self.slot, keys, values)
+            return decode_attention(query, kv.keys[layer], kv.values[layer], kv.mask, scaling)
+        first, end = self.filled, self.filled + keys.shape[-2]
+        kv.write(layer, first, keys, values)
+        valid = None if self.key_valid is None else self.key_valid[:, :end]
+        return prefill_attention(query, kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end], scaling,
+                                 valid, first)
+
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        self.kv.open_range(self.filled, batch.attention_mask[:, self.filled:self.filled + tokens])
+        if self.key_valid is not None or not bool(batch.attention_mask.all()):
+            self.key_valid = batch.attention_mask
+        self.filled += tokens
+
+    def new_cache_for_capture(self) -> None:
+        """Eager: a decode state good enough to capture the step (the real batch resets it)."""
+        self.slot.zero_()
+        self.decoding = True
+
+    def start_decode(self, batch: Batch) -> None:
+        """Eager, before the first step: decode writes from the next free slot on."""
+        self.slot.fill_(self.filled)
+        self.decoding = True
+
+    def before_decode_step(self) -> None:
+        """Inside the graph: the slot this step writes becomes visible."""
+        self.kv.open_slot(self.slot)
+
+    def after_decode_step(self) -> None:
+        """Inside the graph."""
+        self.slot += 1
+
+    def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
+        """On the host, once `step` has finished on the device: emit what the policy did in it."""
+
+    def kv_bytes(self, cache: Any) -> KVBytes:
+        """Occupied slots x bytes per slot (the buffers hold `slots` per row)."""
+        return KVBytes(device=self.kv.bytes_per_slot * self.kv.batch * self.runner.filled_slots)
+
+    def finish_batch(self, batch: Batch, cache: Any) -> None:
+        self.decoding = False
+
+    def close(self) -> None:
+        self.kv = None
+        self.runner.graph = None
+        uninstall(self.runner.model, getattr(self, "previous_attention", None))
+
+
+@dataclass
+class _DecodeState:
+    """The device tensors a captured decode step reads and writes (fixed addresses)."""
+
+    ids: torch.Tensor          # (B, 1) the token each row feeds next
+    positions: torch.Tensor    # (B, 1) its true position
+    step: torch.Tensor         # (1,) index of the step being run
+    tokens: torch.Tensor       # (B, max_new + 1) the tokens chosen, column = step + 1
+
+
 class Runner:
     """Runs a workload's requests through the model, batch by batch, under a CachePolicy."""
+
+    DRAIN_LAG = 8  # the host turns a step into events this many steps after queuing it
 
     def __init__(self, loaded: LoadedModel, policy: CachePolicy, profiler: Profiler,
                  detail: str = "layer", sample_every: int = 1) -> None:
@@ -120,14 +263,35 @@ class Runner:
         self.clock = Clock(str(loaded.device))
         self.eos_ids = self._eos_ids()
         self.pad_id = self._pad_id()
+        self.graph: Any = None
+        self.slots = 0
+        self.filled_slots = 0
+        self.run_start_ns = 0
+
+    @property
+    def is_static(self) -> bool:
+        return isinstance(self.policy, StaticPolicy)
 
     # --- public --------------------------------------------------------------------------
 
-    def run(self, requests: list[Request], batch_size: int) -> list[list[int]]:
-        """Generate for all requests; returns the generated ids per request, in order."""
+    def run(self, requests: list[Request], batch_size: int,
+            on_ready: Callable[[], None] | None = None) -> list[list[int]]:
+        """Generate for all requests; returns the generated ids per request, in order.
+
+        `on_ready` is called once the policy has allocated (and captured) everything, just
+        before the first request is served: the traced run starts there.
+        """
         self.policy.bind(self)
+        self.slots = max(self._slots_needed(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size))
         outputs: list[list[int]] = []
         try:
+            with torch.inference_mode():
+                self.policy.prepare(min(batch_size, len(requests)), self.slots)
+                if self.is_static:
+                    self._capture(min(batch_size, len(requests)), max(r.max_new_tokens for r in requests))
+            if on_ready:
+                on_ready()
+            self.run_start_ns = self.clock.now_synced()
             for first in range(0, len(requests), batch_size):
                 outputs.extend(self.run_batch(requests[first:first + batch_size]))
         finally:
@@ -136,36 +300,56 @@ class Runner:
 
     @torch.inference_mode()
     def run_batch(self, requests: list[Request]) -> list[list[int]]:
+        if self.is_static and self.state.ids.shape[0] != len(requests):
+            # A smaller last batch gets buffers and a graph of its own (its time counts).
+            self.policy.prepare(len(requests), self.slots)
+            self._capture(len(requests), self.state.tokens.shape[1] - 1)
         batch = self._make_batch(requests)
         cache = self.policy.new_cache(batch)
         next_ids = self._prefill(batch, cache)
-        max_new = max(r.max_new_tokens for r in requests)
-        while batch.step + 1 < max_new and not self._all_finished(batch):
-            batch.step += 1
-            next_ids = self._decode_step(batch, cache, next_ids)
+        if self.is_static:
+            self._decode_static(batch, cache, next_ids)
+        else:
+            max_new = max(r.max_new_tokens for r in requests)
+            while batch.step + 1 < max_new and not self._all_finished(batch):
+                batch.step += 1
+                next_ids = self._decode_step(batch, cache, next_ids)
         self._finish(batch)
         self.policy.finish_batch(batch, cache)
         return batch.outputs
 
     # --- the loop ------------------------------------------------------------------------
 
+    @staticmethod
+    def _slots_needed(requests: list[Request]) -> int:
+        prompt = max(len(r.prompt_token_ids) for r in requests)
+        followup = max(len(r.followup_token_ids) for r in requests)
+        return prompt + followup + max(r.max_new_tokens for r in requests)
+
     def _make_batch(self, requests: list[Request]) -> Batch:
         lens = [len(r.prompt_token_ids) for r in requests]
-        width = max(lens)
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, request in enumerate(requests):
-            ids[row, width - lens[row]:] = torch.tensor(request.prompt_token_ids)
-            mask[row, width - lens[row]:] = 1
+        ids, mask = self._left_padded([r.prompt_token_ids for r in requests])
+        start = self.run_start_ns
         return Batch(
             requests=requests,
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            input_ids=ids,
+            attention_mask=mask,
             next_positions=torch.tensor(lens, device=self.device),
             prompt_lens=lens,
+            arrival_ns=[start + int(r.arrival_s * 1e9) for r in requests],
             outputs=[[] for _ in requests],
             finished_ns=[None] * len(requests),
         )
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row)
+                mask[i, width - len(row):] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     def _forward(self, batch: Batch, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(
@@ -179,26 +363,47 @@ class Runner:
         return out.logits[:, -1, :].argmax(dim=-1)
 
     def _prefill(self, batch: Batch, cache: Any) -> torch.Tensor:
+        """The prompt, then (if any) the follow-up as a second chunk; TTFT ends after the last."""
         start = batch.start_ns = self.clock.now_synced()
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
         next_ids = self._forward(batch, cache, batch.input_ids, position_ids)
+        self.policy.after_chunk(batch, cache, batch.input_ids.shape[1])
         self.policy.after_prefill(batch, cache)
-        end = self.clock.now_synced()
+        chunks = [(start, self.clock.now_synced(), batch.prompt_lens)]
+        followups = [r.followup_token_ids for r in batch.requests]
+        if any(followups):
+            if not self.policy.supports_followup:
+                raise UsageError(f"{self.policy.name}: this policy cannot take a follow-up turn (--question after)")
+            next_ids = self._prefill_followup(batch, cache, followups)
+            chunks.append((chunks[-1][1], self.clock.now_synced(), [len(f) for f in followups]))
+        end = chunks[-1][1]
+        self.filled_slots = batch.slots
         self._record_tokens(batch, next_ids, end)
         if not self.profiler.enabled:  # overhead baseline: no measuring work at all
             return next_ids
         kv = self.policy.kv_bytes(cache)
-        for row, request in enumerate(batch.requests):
-            self.profiler.emit_prefill(
-                start, end, request_id=request.request_id, tokens=batch.prompt_lens[row],
-                batch_size=batch.size, kv_device_bytes=kv.device, kv_host_bytes=kv.host,
-                aux_device_bytes=kv.aux_device,
-                ext={"prompt_tokens": float(batch.prompt_lens[row]), "pad_tokens": float(batch.pad_lens[row])},
-            )
+        for chunk_start, chunk_end, lens in chunks:
+            for row, request in enumerate(batch.requests):
+                self.profiler.emit_prefill(
+                    chunk_start, chunk_end, request_id=request.request_id, tokens=lens[row],
+                    batch_size=batch.size, kv_device_bytes=kv.device, kv_host_bytes=kv.host,
+                    aux_device_bytes=kv.aux_device,
+                    ext={"prompt_tokens": float(batch.prompt_lens[row]), "pad_tokens": float(batch.pad_lens[row])},
+                )
         self._sample(end)
         return next_ids
 
+    def _prefill_followup(self, batch: Batch, cache: Any, followups: list[list[int]]) -> torch.Tensor:
+        ids, valid = self._left_padded(followups)
+        batch.attention_mask = torch.cat([batch.attention_mask, valid], dim=-1)
+        position_ids = batch.next_positions[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)
+        next_ids = self._forward(batch, cache, ids, position_ids)
+        self.policy.after_chunk(batch, cache, ids.shape[1])
+        batch.next_positions = batch.next_positions + valid.sum(-1)
+        return next_ids
+
     def _decode_step(self, batch: Batch, cache: Any, next_ids: torch.Tensor) -> torch.Tensor:
+        """The eager engine: one synchronised step."""
         start = self.clock.now()  # the device is idle: the previous step ended synchronized
         active = sum(ns is None for ns in batch.finished_ns)
         batch.attention_mask = torch.cat(
@@ -209,6 +414,7 @@ class Runner:
         self.policy.after_step(batch, cache)
         end = self.clock.now_synced()
         batch.next_positions = batch.next_positions + 1
+        self.filled_slots = batch.slots
         self._record_tokens(batch, next_ids, end)
         if not self.profiler.enabled:
             return next_ids
@@ -220,6 +426,113 @@ class Runner:
         if (batch.step + 1) % self.sample_every == 0:
             self._sample(end)
         return next_ids
+
+    # --- the fast engine's decode --------------------------------------------------------
+
+    def _capture(self, batch_size: int, max_new: int) -> None:
+        """Make the decode state and, on CUDA with graphs on, capture one decode step."""
+        device = self.device
+        self.state = _DecodeState(
+            ids=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
+            positions=torch.zeros((batch_size, 1), dtype=torch.long, device=device),
+            step=torch.zeros(1, dtype=torch.long, device=device),
+            tokens=torch.zeros((batch_size, max_new + 1), dtype=torch.long, device=device),
+        )
+        self.graph = None
+        if device.type != "cuda" or not self.policy.graphs:
+            return
+        policy = self.policy
+        policy.new_cache_for_capture()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the graph: cuBLAS workspaces, lazy init
+            for _ in range(2):
+                self.state.step.zero_()
+                self._decode_body()
+        self.state.step.zero_()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._decode_body()
+        except RuntimeError as exc:
+            raise UsageError(f"{policy.name}: capturing the decode step in a CUDA graph failed ({exc}); "
+                             "--opt graphs=false runs it eagerly") from None
+        policy.decoding = False
+        self.graph = graph
+
+    def _decode_body(self) -> None:
+        """One decode step on the device: the whole of it is what the CUDA graph captures."""
+        state, policy = self.state, self.policy
+        policy.before_decode_step()
+        logits = self.model(input_ids=state.ids, position_ids=state.positions, past_key_values=PassThroughCache(),
+                            use_cache=True, logits_to_keep=1).logits
+        chosen = logits[:, -1, :].argmax(dim=-1)
+        state.ids.copy_(chosen[:, None])
+        state.tokens.index_copy_(1, state.step + 1, chosen[:, None])
+        state.positions += 1
+        state.step += 1
+        policy.after_decode_step()
+
+    def _decode_static(self, batch: Batch, cache: Any, next_ids: torch.Tensor) -> None:
+        """Queue steps without waiting; turn each into events `DRAIN_LAG` steps later."""
+        state, clock = self.state, self.clock
+        state.ids.copy_(next_ids[:, None])
+        state.positions.copy_(batch.next_positions[:, None])
+        state.step.zero_()
+        self.policy.start_decode(batch)
+        steps = max(r.max_new_tokens for r in batch.requests) - 1
+        marks: list[tuple[Any, Any]] = []
+        drained = 0
+        for step in range(steps):
+            start = clock.mark()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._decode_body()
+            marks.append((start, clock.mark()))
+            if step - drained >= self.DRAIN_LAG or step == steps - 1:
+                while drained <= step - (0 if step == steps - 1 else self.DRAIN_LAG):
+                    self._drain_step(batch, drained, marks[drained])
+                    drained += 1
+                if self._all_finished(batch):
+                    break
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # steps queued past the last EOS
+
+    def _drain_step(self, batch: Batch, step: int, marks: tuple[Any, Any]) -> None:
+        """Step `step` has finished (or will, without the device idling): its tokens and events."""
+        clock = self.clock
+        start, end = clock.resolve(marks[0]), clock.resolve(marks[1])
+        batch.step = step
+        active = sum(ns is None for ns in batch.finished_ns)
+        column = step + 1
+        tokens = self._token_column(column) if self.device.type == "cuda" else self.state.tokens[:, column]
+        self.filled_slots = batch.slots + step + 1
+        self._record_tokens(batch, tokens, end)
+        if not self.profiler.enabled or active == 0:
+            return
+        kv = self.policy.kv_bytes(None)
+        self.profiler.emit_decode_step(
+            start, end, step=step, batch_size=active, tokens=active,
+            kv_device_bytes=kv.device, kv_host_bytes=kv.host, aux_device_bytes=kv.aux_device,
+        )
+        self.policy.drain(batch, step, start, end)
+        if (step + 1) % self.sample_every == 0:
+            self._sample(end)
+
+    def _token_column(self, column: int) -> torch.Tensor:
+        """One column of the device token buffer, copied on a side stream (the compute stream
+        has later steps queued: a plain `.cpu()` would wait for all of them)."""
+        if not hasattr(self, "_copy_stream"):
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._host_tokens = torch.empty(self.state.tokens.shape[0], dtype=torch.long, pin_memory=True)
+        with torch.cuda.stream(self._copy_stream):
+            self._host_tokens.copy_(self.state.tokens[:, column], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        copied.synchronize()
+        return self._host_tokens
 
     def _record_tokens(self, batch: Batch, next_ids: torch.Tensor, at_ns: int) -> None:
         for row, token in enumerate(next_ids.tolist()):
@@ -237,12 +550,13 @@ class Runner:
     def _finish(self, batch: Batch) -> None:
         for row, request in enumerate(batch.requests):
             text = self.loaded.tokenizer.decode(batch.outputs[row], skip_special_tokens=True)
-            # A batch runner serves requests as they come in its list: each arrives when its
-            # batch's prefill starts.
+            # A batch runner's requests all arrive when the run starts (plus their arrival_s):
+            # a later batch's queueing counts in its TTFT and E2E.
             self.profiler.emit_request_end(
-                batch.start_ns, batch.finished_ns[row] or self.clock.now(), request_id=request.request_id,
+                batch.arrival_ns[row], batch.finished_ns[row] or self.clock.now(), request_id=request.request_id,
                 tokens=len(batch.outputs[row]), text=text,
-                ext={"prompt_tokens": float(batch.prompt_lens[row])},
+                ext={"prompt_tokens": float(batch.prompt_lens[row]),
+                     "queued_ns": float(batch.start_ns - batch.arrival_ns[row])},
             )
 
     # --- telemetry -----------------------------------------------------------------------
@@ -279,6 +593,22 @@ class Runner:
             if isinstance(value, int):
                 return value
         return 0
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still take: free device memory plus what torch's caching
+    allocator holds unused (CUDA), or the kernel's MemAvailable (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: let the allocator be the judge
 
 
 def _rss_bytes() -> int:
