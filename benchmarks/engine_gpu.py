@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import run_harness  # noqa: E402
-from infinigen_gpu import peak_copy_bandwidth, run_strategy, summarize, synthetic  # noqa: E402
+from common import run_strategy, synthetic  # noqa: E402
+from infinigen_gpu import peak_copy_bandwidth, summarize  # noqa: E402
 from overhead import measure_overhead  # noqa: E402
 
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402

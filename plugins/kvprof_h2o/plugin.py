@@ -50,6 +50,10 @@ class H2OStrategy(TransformersStrategy):
                check=non_negative),
         Option("exempt_layers", "", "comma-separated layers that keep their whole cache "
                "(InfiniGen's H2O baseline exempts 0,1; the authors' HF code none)", check=_layer_list),
+        Option("engine", "static", "static: in-place eviction in a budget + 1 slot cache, graph-captured decode; "
+               "eager: the reference implementation on transformers' cache",
+               check=lambda v: None if v in ("static", "eager") else "must be static or eager"),
+        Option("graphs", True, "capture the decode step in a CUDA graph (engine=static, CUDA only)"),
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict[str, Any]) -> H2OPolicy:
@@ -63,10 +67,27 @@ class H2OStrategy(TransformersStrategy):
         exempt = parse_layers(options["exempt_layers"])
         if any(layer >= num_layers for layer in exempt):
             raise UsageError(f"h2o: exempt_layers={options['exempt_layers']!r}: the model has layers 0..{num_layers - 1}")
+        self.options_used = options
+        if options.get("engine", "static") == "static":
+            from kvprof_h2o.fast import FastH2OPolicy, check_supported
+
+            check_supported(loaded.model)
+            self.attn_implementation = "kvprof"
+            return FastH2OPolicy(budget, exempt, graphs=options.get("graphs", True))
         previous = attention.install(loaded.model)
         # Recorded in the trace's run metadata: the attention that actually ran.
         self.attn_implementation = attention.ATTENTION_NAME
         return H2OPolicy(budget, exempt, previous)
+
+    def policy_metadata(self, policy: Any) -> dict[str, Any]:
+        """The engine, and the KV budget in the form the analyses read (`kv_budget`)."""
+        options = self.options_used
+        parts = [("heavy_tokens", "heavy_ratio"), ("recent_tokens", "recent_ratio")]
+        ratios = [options[r] for t, r in parts if options[t] is None]
+        counts = [options[t] for t, _ in parts if options[t] is not None]
+        ratio = sum(ratios) if ratios else None    # a fraction of each prompt ...
+        tokens = sum(counts) if counts else None   # ... plus a count of tokens
+        return {"engine": options.get("engine", "static"), "kv_budget": {"fraction": ratio, "tokens": tokens}}
 
     def describe_deviations(self) -> list[str]:
         return [

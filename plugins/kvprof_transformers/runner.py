@@ -173,7 +173,7 @@ class StaticPolicy(CachePolicy):
         self.runner.graph = None
         loaded = self.runner.loaded
         self.kv = StaticKV(self.num_layers, batch_size, self.kv_heads, slots, self.head_dim,
-                           loaded.dtype, self.runner.device)
+                           loaded.dtype, self.runner.device, getattr(self, "layer_slots", None))
         self.slot = torch.zeros(1, dtype=torch.long, device=self.runner.device)
 
     def new_cache(self, batch: Batch) -> PassThroughCache:
@@ -267,6 +267,7 @@ class Runner:
         self.slots = 0
         self.filled_slots = 0
         self.run_start_ns = 0
+        self.requests: list[Request] = []
 
     @property
     def is_static(self) -> bool:
@@ -281,6 +282,7 @@ class Runner:
         `on_ready` is called once the policy has allocated (and captured) everything, just
         before the first request is served: the traced run starts there.
         """
+        self.requests = requests
         self.policy.bind(self)
         self.slots = max(self._slots_needed(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size))
         outputs: list[list[int]] = []
@@ -509,15 +511,17 @@ class Runner:
         column = step + 1
         tokens = self._token_column(column) if self.device.type == "cuda" else self.state.tokens[:, column]
         self.filled_slots = batch.slots + step + 1
+        measuring = self.profiler.enabled and active > 0
+        if measuring:  # before the tokens: a row that ends in this step was still in it
+            self.policy.drain(batch, step, start, end)
         self._record_tokens(batch, tokens, end)
-        if not self.profiler.enabled or active == 0:
+        if not measuring:
             return
         kv = self.policy.kv_bytes(None)
         self.profiler.emit_decode_step(
             start, end, step=step, batch_size=active, tokens=active,
             kv_device_bytes=kv.device, kv_host_bytes=kv.host, aux_device_bytes=kv.aux_device,
         )
-        self.policy.drain(batch, step, start, end)
         if (step + 1) % self.sample_every == 0:
             self._sample(end)
 

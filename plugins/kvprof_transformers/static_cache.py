@@ -34,10 +34,11 @@ class StaticKV:
     """Per-layer key/value buffers of a fixed number of slots, and the decode mask."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        shape = (batch, kv_heads, slots, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                 dtype: torch.dtype, device: torch.device, layer_slots: list[int] | None = None) -> None:
+        # `layer_slots`: a policy whose layers hold fewer slots (H2O's budget) says how many.
+        widths = layer_slots or [slots] * num_layers
+        self.keys = [torch.zeros((batch, kv_heads, n, head_dim), dtype=dtype, device=device) for n in widths]
+        self.values = [torch.zeros((batch, kv_heads, n, head_dim), dtype=dtype, device=device) for n in widths]
         self.mask = torch.full((batch, 1, 1, slots), float("-inf"), dtype=dtype, device=device)
         self.batch, self.kv_heads, self.slots, self.head_dim = batch, kv_heads, slots, head_dim
         self.bytes_per_slot = 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8

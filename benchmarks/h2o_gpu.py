@@ -1,0 +1,115 @@
+"""H2O against `full` on one GPU, on kvprof's fast engine (and the eager reference at batch 1).
+
+    python benchmarks/h2o_gpu.py OUT_DIR            # the H200 run: random Llama-3-8B, 8K prompt
+    python benchmarks/h2o_gpu.py OUT_DIR --smoke    # tiny model on the CPU: checks that it runs
+
+First a check on the device: the fast path evicts exactly what the eager path evicts on a fixed
+input (1024-token synthetic prompts, batch 2, 8 new tokens), compared per (request, step, layer).
+Then per batch size (1 and 16): `full` and `h2o` (heavy 0.1 + recent 0.1), each after a warm-up
+run, 32 new tokens: TTFT, ITL median and p99, device KV, and the profiler's own cost; `h2o` once
+more at `--detail head` (batch 16) for the cost at the finest detail; the eager `h2o` at batch 1.
+Prints a table and writes OUT_DIR/h2o.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import run_strategy, synthetic  # noqa: E402
+
+from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
+from kvprof.models import resolve_model  # noqa: E402
+from kvprof.profiler import Registry, get_plugin_manager  # noqa: E402
+from kvprof.trace import read_trace  # noqa: E402
+from kvprof_transformers.loading import load_model  # noqa: E402
+
+
+def evictions(path: Path) -> dict[tuple, list[list[int]]]:
+    events = read_trace(path).of_kind("evict").to_pylist()
+    return {(e["request_id"], e["step"], e["layer"]): [sorted(h) for h in e["positions"]] for e in events}
+
+
+def check_equal_evictions(loaded: Any, spec: Any, registry: Registry, prompt_len: int, out_dir: Path) -> dict[str, Any]:
+    found = {}
+    for engine in ("eager", "static"):
+        path = out_dir / f"check-{engine}.arrow"
+        run_strategy(registry, "h2o", spec, loaded, {"engine": engine}, synthetic(prompt_len, 8, 2), path)
+        found[engine] = evictions(path)
+    eager, static = found["eager"], found["static"]
+    differing = [key for key in eager if eager[key] != static.get(key)]
+    return {"prompt_len": prompt_len, "batch_size": 2, "events_eager": len(eager), "events_static": len(static),
+            "same_keys": eager.keys() == static.keys(), "differing_events": len(differing),
+            "evicted_positions": sum(len(h) for heads in eager.values() for h in heads)}
+
+
+def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict[str, str], batch: int,
+            prompt_len: int, output_len: int, out_dir: Path, detail: str = "layer") -> dict[str, Any]:
+    run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, 4, batch), None)  # warm-up
+    path = out_dir / f"{name}-{options.get('engine', 'static')}-b{batch}-{detail}.arrow"
+    run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, output_len, batch), path,
+                 detail=detail)
+    stats = trace_summary(read_trace(path))
+    latency = stats["latency_ms"]
+    return {"strategy": name, "options": options, "batch_size": batch, "detail": detail,
+            "ttft_ms_median": latency["ttft"]["median"], "itl_ms_median": latency["itl"]["median"],
+            "itl_ms_p99": latency["itl"]["p99"], "kv_device_bytes_peak": stats["kv_bytes"]["device"]["peak"],
+            "profiler_cost_s": stats["run"]["profiler_cost_s"], "profiler_cost_share": stats["run"]["profiler_cost_share"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batches", default="1,16")
+    args = parser.parse_args(argv)
+    device, model = ("cpu", "tiny-llama") if args.smoke else ("cuda", "llama-3-8b")
+    prompt_len, output_len, check_len = (96, 6, 64) if args.smoke else (8192, 32, 1024)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    spec = resolve_model(model, "random")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    loaded = load_model(spec, device)
+    registry = Registry.collect(get_plugin_manager())
+    figures: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "model": spec.name, "weights": "random", "dtype": str(loaded.dtype),
+                               "prompt_len": prompt_len, "output_len": output_len,
+                               "load_s": round(time.perf_counter() - started, 1)}
+    figures["check"] = check_equal_evictions(loaded, spec, registry, check_len, args.out_dir)
+    print(json.dumps(figures["check"]), flush=True)
+    rows = figures["runs"] = []
+    for batch in map(int, args.batches.split(",")):
+        plan = [("full", {}, "layer"), ("h2o", {}, "layer"), ("h2o", {}, "step")]
+        plan += [("h2o", {"engine": "eager"}, "layer")] if batch == 1 else [("h2o", {}, "head")]
+        for name, options, detail in plan:
+            row = measure(loaded, spec, registry, name, options, batch, prompt_len, output_len, args.out_dir, detail)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (args.out_dir / "h2o.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print_table(figures)
+    return 0
+
+
+def print_table(figures: dict[str, Any]) -> None:
+    print(f"\n{figures['device']}  {figures['model']} ({figures['weights']}), prompt {figures['prompt_len']}, "
+          f"{figures['output_len']} new tokens; check: {figures['check']}")
+    full = {r["batch_size"]: r for r in figures["runs"] if r["strategy"] == "full"}
+    for r in figures["runs"]:
+        base = full[r["batch_size"]]
+        print(f"b{r['batch_size']:<3} {r['strategy']:<5} {r['options'].get('engine', 'static'):<6} {r['detail']:<5} "
+              f"TTFT {r['ttft_ms_median']:9.1f} ms ({r['ttft_ms_median'] / base['ttft_ms_median']:.2f}x)  "
+              f"ITL {r['itl_ms_median']:7.2f} ms ({r['itl_ms_median'] / base['itl_ms_median']:.2f}x) "
+              f"p99 {r['itl_ms_p99']:7.2f}  KV {r['kv_device_bytes_peak'] / 2**20:9.1f} MiB "
+              f"({r['kv_device_bytes_peak'] / base['kv_device_bytes_peak']:.3f})  "
+              f"profiler {r['profiler_cost_share']:.2%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

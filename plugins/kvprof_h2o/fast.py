@@ -1,0 +1,351 @@
+"""H2O on kvprof's fast engine: a fixed cache of budget + 1 slots per KV head, evicted in place.
+
+The rule is the eager policy's (`policy.H2OPolicy`, the authors' real-drop code): per layer and KV
+head keep the `recent` newest tokens and the `heavy` others with the largest accumulated
+attention (post-softmax weights summed over queries, query heads of a group and steps). What
+changes is the machinery, after the authors' own fast (FlexGen-based) version:
+
+* Decode: each layer holds, per (row, KV head), `budget + 1` slots with their true positions and
+  float32 scores, and the index of its free slot. A step writes the new token into the free
+  slot, attends over all slots (positions mask empty ones), adds the attention weights to the
+  scores, and picks the next free slot: the lowest-scoring slot outside the recent window (an
+  empty slot first, while the cache is not full). The token in it is the step's eviction; its
+  position goes into a device buffer (`evicted[step]`). All of it is device work with fixed
+  shapes, captured in the runner's CUDA graph: no host sync, no allocation.
+* Prefill: the output from the fused SDPA kernel; each key's attention mass from a pass over
+  blocks of queries that only visits keys a block can see (causal), without keeping the score
+  matrix; then the one-time compression to the budget, layer by layer, so the full prompt KV of
+  one layer at most is resident beside the compressed cache.
+* A follow-up chunk (`--question after`) attends over the kept slots plus itself by position,
+  with the eager attention function, and compresses back to the budget.
+* Events: the prefill compression's evictions are emitted after prefill; a decode step's are read
+  from the device buffer when the runner drains that step (a side-stream copy), at the run's
+  detail. At detail "step" one event per request and step carries every layer's and KV head's
+  evicted positions (num_layers x kv_heads lists, layer-major), so token survival needs no
+  finer detail.
+
+Exempt layers keep their whole cache in a full-size buffer and attend like `full`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvprof.events import Medium, Phase
+from kvprof.strategy import UsageError
+from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
+from kvprof_transformers.static_cache import decode_attention, prefill_attention
+
+from kvprof_h2o import attention
+from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
+
+MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
+
+
+def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float,
+                 block_elements: int = MASS_LOGITS_PER_BLOCK) -> torch.Tensor:
+    """Attention each key of a prompt receives, summed over the real queries and the query heads
+    of its KV head: (B, Hkv, L) float32. Same arithmetic as `attention.attend` (logits in the
+    model's dtype, float32 softmax), but only keys at or before a block's last query are visited.
+
+    query (B, Hq, L, D); keys (B, Hkv, L, D) at slots = prompt indices; query_positions (B, L),
+    -1 for padding (a padding key receives nothing and a padding query gives nothing).
+    """
+    batch, q_heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    grouped = (query * scaling).view(batch, kv_heads, group, length, dim)
+    key_pos = query_positions[:, None, None, None, :]  # (B, 1, 1, 1, L)
+    real = (query_positions >= 0).to(torch.float32)
+    mass = query.new_zeros((batch, kv_heads, length), dtype=torch.float32)
+    block = max(1, min(length, block_elements // max(1, batch * q_heads * length)))
+    minimum = torch.finfo(query.dtype).min
+    for start in range(0, length, block):
+        end = min(length, start + block)
+        size = end - start
+        q_block = grouped[:, :, :, start:end].reshape(batch, kv_heads, group * size, dim)
+        logits = torch.matmul(q_block, keys[:, :, :end].transpose(-1, -2)).view(batch, kv_heads, group, size, end)
+        q_pos = query_positions[:, None, None, start:end, None]
+        visible = (key_pos[..., :end] >= 0) & (key_pos[..., :end] <= q_pos)
+        logits.masked_fill_(~visible, minimum)
+        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).view(batch, kv_heads, group * size, end)
+        rows = real[:, None, start:end].expand(batch, group, size).reshape(batch, 1, 1, group * size)
+        mass[:, :, :end] += torch.matmul(rows, weights).squeeze(-2)
+    return mass
+
+
+class FastH2OPolicy(StaticPolicy):
+    """H2O with in-place eviction in a budget + 1 slot cache; see the module docstring."""
+
+    name = "h2o"
+
+    def __init__(self, budget: Any, exempt_layers: frozenset[int], graphs: bool = True) -> None:
+        super().__init__(graphs)
+        self.budget = budget
+        self.exempt = exempt_layers
+        self.books = None
+
+    # --- buffers --------------------------------------------------------------------------------
+
+    def _allocate(self, batch_size: int, slots: int) -> None:
+        budgets = [sum(self.budget.for_request(len(r.prompt_token_ids), r.max_new_tokens))
+                   for r in self.runner.requests]
+        self.width = max(budgets) + 1  # slots per (row, KV head) in a budgeted layer
+        shape = (batch_size, self.kv_heads, self.head_dim)
+        if self.books is not None and self.kv.batch == batch_size and self.kv.slots == slots:
+            return
+        scored = [layer for layer in range(self.num_layers) if layer not in self.exempt]
+        # Budgeted layers get `width` slots; exempt layers the full length (and the decode mask).
+        self.layer_slots = [self.width if layer in scored else slots for layer in range(self.num_layers)]
+        super()._allocate(batch_size, slots)
+        device = self.runner.device
+        self.books = {layer: (torch.full((batch_size, self.kv_heads, self.width), -1, dtype=torch.long, device=device),
+                              torch.zeros((batch_size, self.kv_heads, self.width), dtype=torch.float32, device=device),
+                              torch.zeros((batch_size, self.kv_heads), dtype=torch.long, device=device))
+                      for layer in scored}
+        self.scored = scored
+        max_new = max(r.max_new_tokens for r in self.runner.requests)
+        self.evicted = torch.full((max_new + 1, len(scored), batch_size, self.kv_heads), -1, dtype=torch.long,
+                                  device=device)
+        self.slot_index = torch.arange(self.width, device=device)
+        # Per-row budgets, filled in place for each batch: the captured graph reads these tensors.
+        self.heavy = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.recent = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.cap = torch.zeros((batch_size, 1, 1), dtype=torch.long, device=device)
+
+    def new_cache(self, batch: Batch) -> Any:
+        cache = super().new_cache(batch)
+        budgets = [self.budget.for_request(n, r.max_new_tokens) for n, r in zip(batch.prompt_lens, batch.requests)]
+        self.heavy.copy_(torch.tensor([h for h, _ in budgets]))
+        self.recent.copy_(torch.tensor([r for _, r in budgets]))
+        self.budgets = [h + r for h, r in budgets]
+        self.cap.copy_((self.heavy + self.recent + 1)[:, None, None])  # usable slots per row
+        for positions, scores, free in self.books.values():
+            positions.fill_(-1)
+            scores.zero_()
+            free.zero_()
+        self.evicted.fill_(-1)
+        self.held = [0] * batch.size     # tokens kept per (row, head) in a budgeted layer
+        self.prefill_dropped: dict[int, torch.Tensor] = {}
+        self.prefill_spans: dict[int, tuple[Any, Any]] = {}
+        return cache
+
+    def new_cache_for_capture(self) -> None:
+        super().new_cache_for_capture()
+        self.cap.fill_(self.width)
+        self.recent.fill_(1)
+
+    def attention_mask(self, batch: Batch, cache: Any) -> torch.Tensor | None:
+        """Before each prefill chunk: the true positions of its tokens (-1: padding)."""
+        real = batch.attention_mask[:, self.filled:].bool()
+        first = batch.next_positions[:, None] if self.filled else 0
+        self.query_positions = torch.where(real, first + real.long().cumsum(-1) - 1, -1)
+        return None
+
+    # --- attention ------------------------------------------------------------------------------
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        if layer in self.exempt:
+            return super().attend(layer, query, keys, values, scaling)
+        if self.decoding:
+            return self._decode(layer, query, keys, values, scaling)
+        if self.filled == 0:
+            return self._prefill(layer, query, keys, values, scaling)
+        return self._followup(layer, query, keys, values, scaling)
+
+    def _prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
+        output = prefill_attention(query, keys, values, scaling, self.key_valid, 0)
+        start = self.runner.clock.mark()
+        mass = prefill_mass(query, keys, self.query_positions, scaling)
+        batch, kv_heads, length = mass.shape
+        key_pos = self.query_positions[:, None, :].expand(batch, kv_heads, length)
+        self._compress(layer, keys, values, key_pos, mass, held=self._real_lengths())
+        self.prefill_spans[layer] = (start, self.runner.clock.mark())
+        return output
+
+    def _followup(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
+        positions, scores, _ = self.books[layer]
+        chunk_pos = self.query_positions  # set by after_chunk for the follow-up
+        batch, kv_heads, length = keys.shape[0], keys.shape[1], keys.shape[-2]
+        all_keys = torch.cat([self.kv.keys[layer], keys], dim=2)
+        all_values = torch.cat([self.kv.values[layer], values], dim=2)
+        all_pos = torch.cat([positions, chunk_pos[:, None, :].expand(batch, kv_heads, length)], dim=-1)
+        output, mass = attention.attend(query, all_keys, all_values, all_pos, chunk_pos, scaling)
+        start = self.runner.clock.mark()
+        mass[:, :, :self.width] += scores
+        self._compress(layer, all_keys, all_values, all_pos, mass, held=self._followup_held())
+        self.prefill_spans[layer] = (start, self.runner.clock.mark())
+        return output
+
+    def _compress(self, layer: int, keys: torch.Tensor, values: torch.Tensor, key_pos: torch.Tensor,
+                  mass: torch.Tensor, held: list[int]) -> None:
+        """Keep each (row, head)'s heavy hitters and recent tokens in slots [0, kept); the rest
+        empty; the first free slot chosen; the dropped positions kept for the events."""
+        kept = [min(h, b) for h, b in zip(held, self.budgets)]
+        new_len = max(kept)
+        slots, keep = select_slots(key_pos, mass, self.heavy, self.recent, new_len)
+        most = max(h - k for h, k in zip(held, kept))
+        if most > 0:
+            self.prefill_dropped[layer] = dropped_positions(key_pos, slots, keep, most)
+        positions, scores, free = self.books[layer]
+        index = slots.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        self.kv.keys[layer][:, :, :new_len].copy_(keys.gather(2, index))
+        self.kv.values[layer][:, :, :new_len].copy_(values.gather(2, index))
+        positions.fill_(-1)
+        scores.zero_()
+        positions[:, :, :new_len].copy_(key_pos.gather(-1, slots).masked_fill(~keep, -1))
+        scores[:, :, :new_len].copy_(mass.gather(-1, slots).masked_fill(~keep, 0.0))
+        free.copy_(self._next_free(positions, scores, None))
+        self.held = kept
+
+    def _decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        positions, scores, free = self.books[layer]
+        cache_keys, cache_values = self.kv.keys[layer], self.kv.values[layer]
+        batch, kv_heads, _, dim = cache_keys.shape
+        now = self.runner.state.positions  # (B, 1): the position of the token this step feeds
+        slot = free[:, :, None]
+        cache_keys.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), keys)
+        cache_values.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), values)
+        positions.scatter_(-1, slot, now[:, :, None].expand(batch, kv_heads, 1))
+        scores.scatter_(-1, slot, 0.0)
+        group = query.shape[1] // kv_heads
+        grouped = (query * scaling).reshape(batch, kv_heads, group, dim)
+        logits = torch.matmul(grouped, cache_keys.transpose(-1, -2))
+        logits.masked_fill_((positions < 0)[:, :, None, :], torch.finfo(logits.dtype).min)
+        weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        output = torch.matmul(weights.to(cache_values.dtype), cache_values)
+        scores += weights.sum(dim=2)
+        chosen = self._next_free(positions, scores, now)
+        free.copy_(chosen)
+        victims = positions.gather(-1, chosen[..., None]).squeeze(-1)
+        self.evicted[:, self.scored.index(layer)].index_copy_(0, self.runner.state.step, victims[None])
+        return output.reshape(batch, 1, group * kv_heads, dim)
+
+    def _next_free(self, positions: torch.Tensor, scores: torch.Tensor, now: torch.Tensor | None) -> torch.Tensor:
+        """Per (row, head): an empty usable slot if there is one, else the lowest-scoring slot
+        outside the recent window (the next eviction)."""
+        valid = positions >= 0
+        newest = positions.amax(dim=-1, keepdim=True) if now is None else now[:, :, None]
+        recent = valid & (positions > newest - self.recent[:, None, None])
+        unusable = self.slot_index[None, None, :] >= self.cap
+        priority = scores.masked_fill(recent | unusable, float("inf")).masked_fill(~valid & ~unusable, float("-inf"))
+        return priority.argmin(dim=-1)
+
+    # --- the runner's hooks ---------------------------------------------------------------------
+
+    def _real_lengths(self) -> list[int]:
+        return (self.query_positions >= 0).sum(-1).tolist()
+
+    def _followup_held(self) -> list[int]:
+        return [kept + n for kept, n in zip(self.held, (self.query_positions >= 0).sum(-1).tolist())]
+
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        followup = self.filled > 0
+        super().after_chunk(batch, cache, tokens)
+        if followup:
+            self._report_prefill(batch)
+
+    def after_prefill(self, batch: Batch, cache: Any) -> None:
+        self._report_prefill(batch)
+
+    def kv_bytes(self, cache: Any) -> KVBytes:
+        kv = self.kv
+        per_slot = 2 * self.kv_heads * self.head_dim * self.runner.loaded.dtype.itemsize
+        rows = kv.batch
+        exempt = len(self.exempt) * per_slot * rows * self.runner.filled_slots
+        decoded = max(0, self.runner.filled_slots - self.filled)
+        kept = sum(min(h + decoded, b) for h, b in zip(self.held, self.budgets))
+        budgeted = len(self.scored) * per_slot * kept
+        books = len(self.scored) * rows * self.kv_heads * self.width * (8 + 4)
+        return KVBytes(device=exempt + budgeted, aux_device=books)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _report_prefill(self, batch: Batch) -> None:
+        if not self.runner.profiler.enabled or not self.prefill_spans:
+            self.prefill_dropped.clear()
+            self.prefill_spans.clear()
+            return
+        clock = self.runner.clock
+        spans = {layer: (clock.resolve(s), clock.resolve(e)) for layer, (s, e) in self.prefill_spans.items()}
+        for layer, (start, end) in sorted(spans.items()):
+            if self.runner.detail != "step":
+                self.runner.profiler.emit_phase(Phase.EVICTION.value, start, end, layer=layer)
+        dropped = {layer: d.cpu() for layer, d in self.prefill_dropped.items()}
+        start, end = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
+        self._emit(batch, None, start, end, {layer: d for layer, d in dropped.items()})
+        self.prefill_dropped.clear()
+        self.prefill_spans.clear()
+
+    def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
+        victims = self._copy_to_host(self.evicted[step])  # (layers, B, H)
+        self._emit(batch, step, start_ns, end_ns,
+                   {layer: victims[i][:, :, None] for i, layer in enumerate(self.scored)})
+
+    def _copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cuda":
+            return tensor.clone()
+        if not hasattr(self, "_copy_stream"):
+            self._copy_stream = torch.cuda.Stream(tensor.device)
+        with torch.cuda.stream(self._copy_stream):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        done.synchronize()
+        return host
+
+    def _emit(self, batch: Batch, step: int | None, start: int, end: int, dropped: dict[int, torch.Tensor]) -> None:
+        """Evict events for `dropped` (layer -> (B, H, n) positions, -1 = none) at the run's detail."""
+        if not dropped:
+            return
+        profiler, detail = self.runner.profiler, self.runner.detail
+        entry = 2 * self.head_dim * self.runner.loaded.dtype.itemsize
+        device_bytes = self.kv_bytes(None).device
+        layers = sorted(dropped)
+        lists = {layer: dropped[layer].tolist() for layer in layers}
+        for row, request in enumerate(batch.requests):
+            if batch.finished_ns[row] is not None:
+                continue
+            common = {"reason": "h2o", "request_id": request.request_id, "step": step,
+                      "src_medium": Medium.DEVICE.value, "kv_device_bytes": device_bytes}
+            ext = {"budget_tokens": float(self.budgets[row])}
+            heads_by_layer = [(layer, [sorted(p for p in head if p >= 0) for head in lists[layer][row]])
+                              for layer in layers]
+            if detail == "step":
+                every = [heads for _, heads in heads_by_layer]
+                tokens = sum(len(h) for heads in every for h in heads)
+                profiler.emit_evict(start, end, tokens=tokens, bytes=tokens * entry,
+                                    positions=self._all_layers(heads_by_layer),
+                                    ext=ext | {"layers": float(self.num_layers), "kv_heads": float(self.kv_heads)},
+                                    **common)
+                continue
+            for layer, heads in heads_by_layer:
+                if detail == "head":
+                    for kv_head, head in enumerate(heads):
+                        profiler.emit_evict(start, end, layer=layer, kv_head=kv_head, tokens=len(head),
+                                            bytes=len(head) * entry, positions=[head], ext=ext, **common)
+                else:
+                    tokens = sum(len(h) for h in heads)
+                    profiler.emit_evict(start, end, layer=layer, tokens=tokens, bytes=tokens * entry,
+                                        positions=heads, ext=ext, **common)
+
+    def _all_layers(self, heads_by_layer: list[tuple[int, list[list[int]]]]) -> list[list[int]]:
+        """num_layers x kv_heads lists, layer-major; layers without evictions (exempt) are empty."""
+        by_layer = dict(heads_by_layer)
+        return [head for layer in range(self.num_layers)
+                for head in by_layer.get(layer, [[] for _ in range(self.kv_heads)])]
+
+
+def check_supported(model: Any) -> None:
+    """The fast path attends by slot with one mask per row; sliding windows need the eager path."""
+    text = model.config.get_text_config()
+    if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        raise UsageError("h2o: the fast engine does not implement sliding-window attention; "
+                         "run --opt engine=eager")
