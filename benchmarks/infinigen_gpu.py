@@ -1,24 +1,30 @@
-"""InfiniGen against whole-layer offload and the all-on-device baseline, on one GPU.
+"""InfiniGen against whole-layer offload (both modes) and the all-on-device baseline, on one GPU.
 
-    python benchmarks/infinigen_gpu.py OUT_DIR            # the H100 run (~2 min after loading)
-    python benchmarks/infinigen_gpu.py OUT_DIR --smoke    # seconds, on a CPU: checks that it runs
+    python benchmarks/infinigen_gpu.py OUT_DIR                      # the H200 run
+    python benchmarks/infinigen_gpu.py OUT_DIR --configs 8192x1      # one prompt length x batch size
+    python benchmarks/infinigen_gpu.py OUT_DIR --smoke               # seconds, on a CPU: checks that it runs
 
-The default run: Llama-3-8B with random weights (timings and memory are faithful, accuracy is
-not), one synthetic prompt of 8192 tokens, 32 generated tokens, batch 1 (`--batch-size` runs that many
-equal-length prompts together), bf16, in one process
-with one loaded model: `full`, `offload` and `infinigen` (default options: alpha 5, partial ratio
-0.2, budget 0.2), each after a warm-up run of the same prompt length, in `--rounds` rounds (the
-figures are the last round's; every round's median is kept). Before them, the peak host-to-device
-bandwidth of a plain pinned copy is measured at a few sizes (CUDA events, median of repeats).
+Llama-3-8B with random weights (timings and memory are faithful, accuracy is not), bf16, one
+process, one loaded model. First, on a GPU, correctness checks of the fast engine's parts (`--checks`,
+default on): the Triton row gather from mapped pinned memory against a plain gather, the GPU-timer
+stamps (also inside a replayed CUDA graph), the graph-safe selection against the eager rule on
+random scores, and, on a short prompt, the tokens of `infinigen` with a huge alpha and budget 1
+against `full`'s and the selected positions of the fast engine against the eager one's. Then, per
+configuration (prompt length x batch size of equal-length synthetic prompts), `full`, `offload`
+(overlap=true), `offload` (overlap=false) and `infinigen` (defaults: alpha 5, partial ratio 0.2,
+budget 0.2), all on the fast engine (graph-captured decode), in `--rounds` rounds; the first
+`--skip-steps` decode steps of a run are left out of its figures (capture and first replays).
+`--eager-offload` adds the old eager `offload` in both modes at the first configuration (the
+engine whose overlapped mode was slower than its non-overlapped one).
 
-Prints decode ms/token per strategy and the ratios between them, and the achieved bandwidth of
-the fetches, read from each trace's offload events (bytes / CUDA-timed copy duration), against the
-peak. Writes OUT_DIR/<strategy>.arrow (last round) and OUT_DIR/figures.json, which also holds the
-CUDA caching allocator's counters per run (device allocations, retries).
+Figures per run, from its trace: decode ms per token (median, min, mean), fetch bandwidth of the
+whole-layer and the speculated fetches (bytes over their GPU-timed copy spans) against the
+pinned-copy peak measured first, and per step: speculation (side stream), gather (copy stream),
+transfer stall (compute stream waiting), selected tokens. Ratios per configuration. Writes
+OUT_DIR/figures.json after every configuration (a run cut short keeps what it finished).
 
-Needs kvprof installed (`pip install --no-deps -e .`, for the plugins' entry points) and, for the
-random-weight alias, a tokenizer: the embedded SmolLM2 checkpoint folder in $KVPROF_CACHE/models/
-(its config.json and tokenizer files are enough; the weights are not read).
+Needs kvprof installed (`pip install --no-deps -e .`) and, for the random-weight alias, a
+tokenizer in $KVPROF_CACHE (the embedded SmolLM2 checkpoint folder's tokenizer files).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -42,107 +49,260 @@ from kvprof.trace import Trace, read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel, load_model
 
-STRATEGIES = ("full", "offload", "infinigen")
-
-
-@dataclasses.dataclass
-class Setup:
-    model: str
-    weights: str
-    layers: int | None     # override the alias's layer count (smoke: enough layers to speculate)
-    prompt_len: int
-    output_len: int
-    copy_sizes_mib: tuple[float, ...]
-    infinigen_options: dict[str, str]
-
-
-FULL = Setup("llama-3-8b", "random", None, 8192, 32, (4, 32, 256), {})
-SMOKE = Setup("tiny-llama", "random", 4, 96, 6, (1, 4), {"calibration_tokens": "64"})
+# (label, strategy, options)
+RUNS = (
+    ("full", "full", {}),
+    ("offload_overlap", "offload", {"overlap": "true"}),
+    ("offload_no_overlap", "offload", {"overlap": "false"}),
+    ("infinigen", "infinigen", {}),
+)
+SKIP_STEPS = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--smoke", action="store_true", help="tiny model, short prompt: checks that it runs")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--prompt-len", type=int, default=None)
-    parser.add_argument("--output-len", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=1, help="equal-length synthetic prompts run together")
+    parser.add_argument("--traces", type=Path, default=None, help="where the traces go (default: OUT_DIR)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, short prompt, CPU: checks that it runs")
+    parser.add_argument("--configs", default="8192x1,32768x1,8192x8,32768x8", help="PROMPTxBATCH,...")
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--output-len-large", type=int, default=10,
+                        help="output tokens where prompt x batch > 128K (offload steps take seconds there)")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--runs", default=",".join(label for label, _, _ in RUNS))
     parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="infinigen option")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-checks", action="store_true")
+    parser.add_argument("--eager-offload", action="store_true")
+    parser.add_argument("--skip-steps", type=int, default=SKIP_STEPS)
+    parser.add_argument("--profile-eager-offload", action="store_true",
+                        help="torch.profiler over the old eager offload (8K, batch 1), both modes: where its step goes")
     args = parser.parse_args(argv)
 
-    setup = SMOKE if args.smoke else FULL
-    setup = dataclasses.replace(
-        setup, prompt_len=args.prompt_len or setup.prompt_len, output_len=args.output_len or setup.output_len,
-        infinigen_options={**setup.infinigen_options, **dict(pair.split("=", 1) for pair in args.opt)},
-    )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = "cpu" if args.smoke else "cuda"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-
-    spec = resolve_model(setup.model, setup.weights)
-    if setup.layers is not None:
-        spec = dataclasses.replace(spec, name=f"{spec.name}-{setup.layers}l",
-                                   config={**spec.config, "num_hidden_layers": setup.layers})
+    traces = args.traces or args.out_dir
+    traces.mkdir(parents=True, exist_ok=True)
+    spec = resolve_model("tiny-llama" if args.smoke else "llama-3-8b", "random")
+    infinigen_options = dict(pair.split("=", 1) for pair in args.opt)
+    if args.smoke:
+        spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**spec.config, "num_hidden_layers": 4})
+        infinigen_options.setdefault("calibration_tokens", "64")
+        args.configs, args.output_len, args.skip_steps = "96x1,96x2", 6, 1
     torch.manual_seed(0)
     started = time.perf_counter()
     loaded = load_model(spec, device)
-    print(f"model {spec.name} ({spec.weights} weights, {loaded.dtype}) on {device}: "
-          f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
-
     figures: dict[str, Any] = {
-        "device": describe_device(device), "model": spec.name, "weights": spec.weights,
-        "dtype": str(loaded.dtype), "prompt_len": setup.prompt_len, "output_len": setup.output_len,
-        "batch_size": args.batch_size, "infinigen_options": setup.infinigen_options,
-        "peak_h2d_GBps": peak_copy_bandwidth(device, setup.copy_sizes_mib),
+        "device": describe_device(device), "model": spec.name, "weights": spec.weights, "dtype": str(loaded.dtype),
+        "load_s": round(time.perf_counter() - started, 1), "infinigen_options": infinigen_options,
+        "skip_steps": args.skip_steps, "torch": torch.__version__,
+        "peak_h2d_GBps": peak_copy_bandwidth(device, (32, 256) if not args.smoke else (1,)),
     }
-    print("plain pinned host-to-device copy:", ", ".join(
-        f"{size} MiB {gbps:.1f} GB/s" for size, gbps in figures["peak_h2d_GBps"].items()), flush=True)
+    if device == "cuda":
+        from kvprof_transformers.host_store import _pinned_copy_capturable, _triton_available
 
+        figures["whole_layer_fetch"] = "dma" if _pinned_copy_capturable(loaded.device) else "mapped-read kernel"
+        figures["triton"] = _triton_available()
+        from kvprof_transformers.host_store import _TRITON, _timer_works
+
+        figures["gpu_timer_stamps"] = _timer_works(loaded.device)
+        figures["triton_errors"] = {k: v for k, v in _TRITON.items() if k.endswith("_error")}
+    print(json.dumps({k: figures[k] for k in ("device", "load_s", "peak_h2d_GBps")}), flush=True)
+    out = args.out_dir / "figures.json"
     registry = Registry.collect(get_plugin_manager())
-    figures["strategies"] = {}
-    rounds: dict[str, list[float]] = {}
-    for round_index in range(args.rounds):
-        for name in args.strategies.split(","):
-            options = setup.infinigen_options if name == "infinigen" else {}
-            warmup = synthetic(setup.prompt_len, 4, args.batch_size)
-            run_strategy(registry, name, spec, loaded, options, warmup, None)
-            trace_path = args.out_dir / f"{name}.arrow"
-            before, started = allocator_counters(device), time.perf_counter()
-            workload = synthetic(setup.prompt_len, setup.output_len, args.batch_size)
-            run_strategy(registry, name, spec, loaded, options, workload, trace_path)
-            summary = summarize(read_trace(trace_path))
-            summary["wall_s"] = round(time.perf_counter() - started, 2)
-            summary["allocator"] = {k: v - before.get(k, 0) for k, v in allocator_counters(device).items()}
-            rounds.setdefault(name, []).append(summary["decode_ms_per_token_median"])
-            summary["decode_ms_per_token_median_by_round"] = rounds[name]
-            figures["strategies"][name] = summary
-            print(f"round {round_index + 1} {name}: {summary['decode_ms_per_token_median']} ms/token "
-                  f"(run {summary['wall_s']} s, allocator {summary['allocator']})", flush=True)
+    if not args.no_checks and device == "cuda":
+        figures["checks"] = gpu_checks(loaded, spec, registry, traces, infinigen_options)
+        print("checks:", json.dumps(figures["checks"]), flush=True)
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+    wanted = args.runs.split(",")
+    figures["configs"] = {}
+    for index, config in enumerate(args.configs.split(",")):
+        prompt_len, batch = map(int, config.split("x"))
+        output_len = args.output_len_large if prompt_len * batch > 131072 else args.output_len
+        entry = figures["configs"][config] = {"prompt_len": prompt_len, "batch_size": batch, "output_len": output_len,
+                                              "runs": {}}
+        runs = [r for r in RUNS if r[0] in wanted]
+        if args.eager_offload and index == 0:
+            runs += [("offload_eager_overlap", "offload", {"overlap": "true", "engine": "eager"}),
+                     ("offload_eager_no_overlap", "offload", {"overlap": "false", "engine": "eager"})]
+        for label, name, options in runs:
+            if name == "infinigen":
+                options = {**options, **infinigen_options}
+            medians = []
+            for round_index in range(args.rounds):
+                path = traces / f"{label}-{prompt_len}x{batch}.arrow"
+                before, begun = allocator_counters(device), time.perf_counter()
+                try:
+                    run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, output_len, batch), path)
+                    summary = summarize(read_trace(path), args.skip_steps)
+                except Exception as exc:  # noqa: BLE001 - record it, go on with the next run
+                    summary = {"error": f"{type(exc).__name__}: {exc}"}
+                    traceback.print_exc()
+                    if options.get("engine", "static") == "static" and name != "full":
+                        try:  # the same without graphs, to still have figures
+                            run_strategy(registry, name, spec, loaded, {**options, "graphs": "false"},
+                                         synthetic(prompt_len, output_len, batch), path)
+                            summary["without_graphs"] = summarize(read_trace(path), args.skip_steps)
+                        except Exception as again:  # noqa: BLE001
+                            summary["without_graphs"] = {"error": f"{type(again).__name__}: {again}"}
+                summary["wall_s"] = round(time.perf_counter() - begun, 2)
+                summary["allocator"] = {k: v - before.get(k, 0) for k, v in allocator_counters(device).items()}
+                if "decode_ms_per_token_median" in summary:
+                    medians.append(summary["decode_ms_per_token_median"])
+                    summary["decode_ms_per_token_median_by_round"] = medians
+                entry["runs"][label] = summary
+                print(f"{config} {label} round {round_index + 1}: {json.dumps(summary)}", flush=True)
+        entry["ratios"] = ratios(entry["runs"])
+        entry["fractions"] = fractions(entry["runs"], max(figures["peak_h2d_GBps"].values()))
+        print(f"{config} ratios {json.dumps(entry['ratios'])} fractions {json.dumps(entry['fractions'])}", flush=True)
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+        if index == 0 and args.profile_eager_offload and device == "cuda":
+            figures["eager_offload_profile"] = profile_eager_offload(registry, spec, loaded, args.out_dir)
+            out.write_text(json.dumps(figures, indent=2) + "\n")
+    from kvprof_transformers.host_store import _TRITON
 
-    figures["ratios"] = ratios(figures["strategies"])
-    (args.out_dir / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    figures["triton_errors"] = {k: v for k, v in _TRITON.items() if k.endswith("_error")}
+    out.write_text(json.dumps(figures, indent=2) + "\n")
     print_report(figures)
     print(f"traces and figures.json in {args.out_dir}")
     return 0
+
+
+def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path,
+               infinigen_options: dict[str, str]) -> dict[str, Any]:
+    """The fast engine's parts on the GPU, against plain references (see the module doc)."""
+    from kvprof_infinigen.selection import select_tokens, select_within_cap
+    from kvprof_transformers.host_store import PinnedLayers, StepLog, gather_rows
+
+    result: dict[str, Any] = {}
+    device = loaded.device
+    try:
+        batch, heads, slots, dim, cap, count = 2, 8, 5000, 128, 1000, 700
+        store = PinnedLayers(1, batch, heads, slots, dim, torch.bfloat16, device)
+        store.keys[0].copy_(torch.randn(store.shape, dtype=torch.bfloat16))
+        store.values[0].copy_(torch.randn(store.shape, dtype=torch.bfloat16))
+        positions = torch.rand(batch, heads, slots, device=device).argsort(-1)[..., :cap].sort(-1).values
+        keys = torch.zeros(batch, heads, cap + 1, dim, dtype=torch.bfloat16, device=device)
+        values = torch.zeros_like(keys)
+        gather_rows(store.device_keys[0], store.device_values[0], positions, torch.tensor([count], device=device),
+                    keys, values)
+        index = positions[..., :count].unsqueeze(-1).expand(-1, -1, -1, dim)
+        reference = store.keys[0].to(device).gather(2, index), store.values[0].to(device).gather(2, index)
+        result["gather_equal"] = bool(torch.equal(keys[:, :, :count], reference[0])
+                                      and torch.equal(values[:, :, :count], reference[1]))
+        result["gather_rows_past_count_untouched"] = bool((keys[:, :, count:] == 0).all())
+        del store
+        log = StepLog(4, 3, device)
+        step = torch.zeros(1, dtype=torch.long, device=device)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            log.stamp(step, 0)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            log.stamp(step, 0)
+            torch.cuda._sleep(2_000_000)
+            log.stamp(step, 1)
+            step += 1
+        step.zero_()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        rows = [log.row(i) for i in range(3)]
+        result["stamps_in_graph_us"] = [round((r[1] - r[0]) / 1e3, 1) for r in rows]
+        result["stamps_ok"] = all(r[1] > r[0] > 0 for r in rows) and rows[1][0] > rows[0][1]
+        mismatches = 0
+        for trial in range(20):
+            generator = torch.Generator(device=device).manual_seed(trial)
+            held = 3000 + 50 * trial
+            scores = torch.randn(2, 8, 4, 4096, device=device, generator=generator) * (1 + trial % 4)
+            old_positions, old_count = select_tokens(scores[..., :held], 5.0, 819)
+            masked = scores.clone()
+            masked[..., held:] = float("-inf")
+            new_positions, new_count = select_within_cap(masked, 5.0, 819, torch.tensor([held], device=device))
+            n = int(old_count)
+            if int(new_count) != n or not torch.equal(new_positions[..., :n], old_positions[..., :n]):
+                mismatches += 1
+        result["selection_mismatches_of_20"] = mismatches
+    except Exception as exc:  # noqa: BLE001
+        result["parts_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    try:
+        prompt, output = 512, 8
+        workload = synthetic(prompt, output, 2)
+        tokens = {}
+        for label, name, options in (("full", "full", {}),
+                                     ("infinigen_all", "infinigen", {"alpha": "1e9", "budget": "1.0"}),
+                                     ("infinigen_eager", "infinigen", {"engine": "eager"}),
+                                     ("infinigen_static", "infinigen", {})):
+            path = out_dir / f"check-{label}.arrow"
+            detail = "head" if label in ("infinigen_eager", "infinigen_static") else "layer"
+            run_strategy(registry, name, spec, loaded, {**infinigen_options, **options} if name == "infinigen" else options,
+                         workload, path, detail=detail)
+            trace = read_trace(path)
+            tokens[label] = [r["tokens"] for r in trace.of_kind("request_end").to_pylist()]
+            if detail == "head":
+                tokens[label + "_rows"] = sorted(
+                    (e["step"], e["layer"], e["request_id"], e["kv_head"], tuple(e["positions"][0]))
+                    for e in trace.of_kind("offload").to_pylist()
+                    if e["dst_medium"] == "device" and e["positions"] is not None)
+            tokens[label + "_text"] = [r["text"] for r in trace.of_kind("request_end").to_pylist()]
+            path.unlink()
+        result["infinigen_all_tokens_equal_full"] = tokens["infinigen_all_text"] == tokens["full_text"]
+        eager, static = tokens["infinigen_eager_rows"], tokens["infinigen_static_rows"]
+        result["selected_rows_events"] = [len(eager), len(static)]
+        first_step = [r for r in eager if r[0] == 0], [r for r in static if r[0] == 0]
+        result["selected_rows_equal_step0"] = first_step[0] == first_step[1]
+        result["selected_rows_equal_all_steps"] = eager == static
+        same = sum(a == b for a, b in zip(eager, static))
+        result["selected_rows_equal_fraction"] = round(same / max(len(eager), 1), 4)
+        result["static_vs_eager_text_equal"] = tokens["infinigen_eager_text"] == tokens["infinigen_static_text"]
+    except Exception as exc:  # noqa: BLE001
+        result["tokens_error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    return result
+
+
+def profile_eager_offload(registry: Registry, spec: Any, loaded: LoadedModel, out_dir: Path) -> dict[str, Any]:
+    """The old eager `offload`, both modes, 8K prompt, batch 1, 6 tokens, under torch.profiler: the
+    host's and the device's busiest operations (self time), to see what bounds its step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    for overlap in ("true", "false"):
+        options = {"overlap": overlap, "engine": "eager"}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_strategy(registry, "offload", spec, loaded, options, synthetic(8192, 6, 1), None)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=48)
+        cuda_table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=8,
+                                               max_name_column_width=48)
+        print(f"eager offload overlap={overlap}\n{table}\n{cuda_table}", flush=True)
+        (out_dir / f"eager-offload-overlap-{overlap}-profile.txt").write_text(table + "\n" + cuda_table)
+        events = prof.key_averages()
+        result[f"overlap={overlap}"] = {
+            "self_cpu_ms_top": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in
+                                sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]},
+            "self_device_ms_top": {e.key: round(getattr(e, "self_device_time_total", 0) / 1e3, 2) for e in
+                                   sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:6]},
+        }
+    return result
 
 
 # --- runs ----------------------------------------------------------------------------------------
 
 
 def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, raw_options: dict[str, str],
-                 workload: WorkloadSpec, trace_path: Path | None) -> None:
+                 workload: WorkloadSpec, trace_path: Path | None, detail: str = "layer") -> None:
     """One in-process `kvprof trace` run on the loaded model; without a trace path the run
     attaches no sinks (warm-up)."""
     strategy_cls = registry.strategy(name)
     options = parse_options(strategy_cls.options, raw_options)
     run = RunInfo(plugin=name, model=spec.to_dict(), workload={"name": workload.name, "params": vars(workload.params)},
                   options=options, device=str(loaded.device), trace_path=str(trace_path) if trace_path else None,
-                  sinks_enabled=trace_path is not None, seed=workload.params.seed)
+                  sinks_enabled=trace_path is not None, seed=workload.params.seed, detail=detail)
     profiler = Profiler(get_plugin_manager(), run)
     context = RunContext(model=spec, workload=workload, options=options, profiler=profiler,
-                         device=str(loaded.device), seed=workload.params.seed)
+                         device=str(loaded.device), seed=workload.params.seed, detail=detail)
     error = None
     try:
         strategy_cls().run_loaded(context, loaded)
@@ -193,9 +353,11 @@ def peak_copy_bandwidth(device: str, sizes_mib: tuple[float, ...], repeats: int 
 # --- figures from traces ----------------------------------------------------------------------------
 
 
-def summarize(trace: Trace) -> dict[str, Any]:
-    """Decode time per token, prefill time, fetch bandwidth and the strategy's phases, per step."""
-    steps = trace.of_kind("decode_step").to_pylist()
+def summarize(trace: Trace, skip_steps: int = 0) -> dict[str, Any]:
+    """Decode time per token, prefill time, fetch bandwidth and the strategy's phases per step,
+    over the decode steps from `skip_steps` on."""
+    steps = [s for s in trace.of_kind("decode_step").to_pylist() if s["step"] >= skip_steps]
+    kept = {s["step"] for s in steps}
     decode_ms = [(s["end_ns"] - s["start_ns"]) / 1e6 for s in steps]
     prefill = trace.of_kind("prefill").to_pylist()[0]
     result: dict[str, Any] = {
@@ -208,66 +370,85 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "aux_device_bytes": steps[-1]["aux_device_bytes"],
     }
     offloads = trace.of_kind("offload").to_pylist()
-    fetches = [e for e in offloads if e["dst_medium"] == "device"]
+    fetches = [e for e in offloads if e["dst_medium"] == "device" and e["step"] in kept]
     if fetches:
         speculated = [e for e in fetches if dict(e["ext"] or {}).get("speculated") == 1.0]
-        whole = [e for e in fetches if e not in speculated]
-        result["fetch"] = {"all": bandwidth(fetches), "whole_layers": bandwidth(whole)}
+        whole = [e for e in fetches if dict(e["ext"] or {}).get("speculated") != 1.0]
+        result["fetch"] = {"all": bandwidth(fetches)}
+        if whole:
+            result["fetch"]["whole_layers"] = bandwidth(whole)
         if speculated:
             result["fetch"]["speculated_layers"] = bandwidth(speculated)
             exts = [dict(e["ext"]) for e in speculated]
             result["selected_tokens_mean"] = round(statistics.fmean(x["selected_tokens"] for x in exts), 1)
             result["selected_fraction_mean"] = round(
                 statistics.fmean(x["selected_tokens"] / x["stored_tokens"] for x in exts), 4)
-            result["host_gather_ms_per_step"] = round(sum(x["gather_ns"] for x in exts) / 1e6 / len(steps), 3)
+            result["gather_ms_per_step"] = round(sum(x["copy_ns"] for x in exts) / 1e6 / len(steps), 3)
+        result["fetch_bytes_per_step"] = int(sum(dict(e["ext"]).get("copied_bytes", e["bytes"]) for e in fetches)
+                                             // len(steps))
     stores = [e for e in offloads if e["src_medium"] == "device" and e["step"] is None]
     if stores:
         result["prefill_store"] = bandwidth(stores)
     phases = trace.of_kind("phase").to_pylist()
     for phase in sorted({p["phase"] for p in phases}):
-        spent = sum(p["end_ns"] - p["start_ns"] for p in phases if p["phase"] == phase and p["step"] is not None)
+        spent = sum(p["end_ns"] - p["start_ns"] for p in phases if p["phase"] == phase and p["step"] in kept)
         result[f"{phase}_ms_per_step"] = round(spent / 1e6 / len(steps), 3)
     return result
 
 
 def bandwidth(copies: list[dict[str, Any]]) -> dict[str, float]:
-    """Bytes moved, their CUDA-timed copy time, and GB/s overall and per copy (median)."""
-    total_bytes = sum(e["bytes"] for e in copies)
+    """Bytes moved, their GPU-timed copy time, and GB/s overall and per copy (median)."""
+    def moved(e: dict[str, Any]) -> float:  # a fixed-size copy moves more than the KV it carries
+        return dict(e["ext"]).get("copied_bytes", e["bytes"])
+
+    total_bytes = sum(moved(e) for e in copies)
     total_ns = sum(dict(e["ext"])["copy_ns"] for e in copies)
-    per_copy = [e["bytes"] / dict(e["ext"])["copy_ns"] for e in copies if dict(e["ext"])["copy_ns"] > 0]
+    per_copy = [moved(e) / dict(e["ext"])["copy_ns"] for e in copies if dict(e["ext"])["copy_ns"] > 0]
     return {"copies": len(copies), "MiB_per_copy": round(total_bytes / len(copies) / 2**20, 2),
             "GBps": round(total_bytes / total_ns, 2) if total_ns else 0.0,
             "GBps_median_copy": round(statistics.median(per_copy), 2) if per_copy else 0.0}
 
 
-def ratios(strategies: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Median decode time ratios: "offload/infinigen" > 1 means InfiniGen decodes faster than offload."""
-    decode = {name: s["decode_ms_per_token_median"] for name, s in strategies.items()}
-    pairs = [("offload", "infinigen"), ("full", "infinigen"), ("offload", "full")]
+def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Median decode time ratios: "offload_overlap/infinigen" > 1 means InfiniGen decodes faster."""
+    decode = {name: s["decode_ms_per_token_median"] for name, s in runs.items() if "decode_ms_per_token_median" in s}
+    pairs = [("offload_overlap", "infinigen"), ("offload_no_overlap", "infinigen"), ("infinigen", "full"),
+             ("offload_overlap", "full"), ("offload_no_overlap", "offload_overlap"),
+             ("offload_eager_overlap", "offload_eager_no_overlap"), ("offload_eager_overlap", "offload_overlap")]
     return {f"{a}/{b}": round(decode[a] / decode[b], 3) for a, b in pairs if a in decode and b in decode}
 
 
-def print_report(figures: dict[str, Any]) -> None:
-    strategies = figures["strategies"]
-    print(f"\n{figures['model']} ({figures['weights']}), prompt {figures['prompt_len']}, "
-          f"{figures['output_len']} tokens, batch {figures['batch_size']}, {figures['device']}")
-    print(f"{'strategy':<10} {'decode ms/tok':>13} {'prefill ms':>10} {'fetch GB/s':>10} {'stall ms/step':>13} "
-          f"{'spec ms/step':>12} {'gather ms/step':>14}")
-    for name, s in strategies.items():
-        fetch = s.get("fetch", {}).get("all", {}).get("GBps", "")
-        print(f"{name:<10} {s['decode_ms_per_token_median']:>13} {s['prefill_ms']:>10} {fetch:>10} "
-              f"{s.get('kv_transfer_ms_per_step', ''):>13} {s.get('speculation_ms_per_step', ''):>12} "
-              f"{s.get('host_gather_ms_per_step', ''):>14}")
-    print("decode time ratios (median ms/token):", ", ".join(f"{k} {v}" for k, v in figures["ratios"].items()))
-    peak = max(figures["peak_h2d_GBps"].values())
-    for name, s in strategies.items():
+def fractions(runs: dict[str, dict[str, Any]], peak: float) -> dict[str, float]:
+    """Fetch bandwidth against the pinned-copy peak; speculation and stall against the step."""
+    result = {}
+    for name, s in runs.items():
         for part, b in s.get("fetch", {}).items():
-            print(f"  {name} fetches ({part}): {b['copies']} copies of {b['MiB_per_copy']} MiB, "
-                  f"{b['GBps']} GB/s = {b['GBps'] / peak:.0%} of the {peak} GB/s peak")
-    if "infinigen" in strategies and "selected_fraction_mean" in strategies["infinigen"]:
-        s = strategies["infinigen"]
-        print(f"  infinigen selected on average {s['selected_tokens_mean']} tokens per head and layer "
-              f"({s['selected_fraction_mean']:.1%} of the stored ones)")
+            if part != "all":
+                result[f"{name}.{part}_of_peak"] = round(b["GBps"] / peak, 3)
+        step = s.get("decode_ms_per_token_median")
+        for phase in ("speculation", "kv_transfer"):
+            if step and f"{phase}_ms_per_step" in s:
+                result[f"{name}.{phase}_of_step"] = round(s[f"{phase}_ms_per_step"] / step, 3)
+        if step and "fetch_bytes_per_step" in s:  # the step against moving its bytes at the peak
+            result[f"{name}.transfer_floor_ms"] = round(s["fetch_bytes_per_step"] / peak / 1e6, 3)
+    return result
+
+
+def print_report(figures: dict[str, Any]) -> None:
+    peak = max(figures["peak_h2d_GBps"].values())
+    print(f"\n{figures['model']} ({figures['weights']} weights), {figures['device']}, pinned peak {peak} GB/s")
+    print(f"{'config':<9} {'run':<26} {'ms/tok':>8} {'min':>8} {'fetch GB/s':>10} {'stall ms':>9} "
+          f"{'spec ms':>8} {'gather ms':>9} {'selected':>8}")
+    for config, entry in figures.get("configs", {}).items():
+        for name, s in entry["runs"].items():
+            if "error" in s:
+                print(f"{config:<9} {name:<26} error: {s['error'][:120]}")
+                continue
+            fetch = s.get("fetch", {}).get("all", {}).get("GBps", "")
+            print(f"{config:<9} {name:<26} {s['decode_ms_per_token_median']:>8} {s['decode_ms_per_token_min']:>8} "
+                  f"{fetch:>10} {s.get('kv_transfer_ms_per_step', ''):>9} {s.get('speculation_ms_per_step', ''):>8} "
+                  f"{s.get('gather_ms_per_step', ''):>9} {s.get('selected_tokens_mean', ''):>8}")
+        print(f"{config:<9} ratios: " + ", ".join(f"{k} {v}" for k, v in entry["ratios"].items()))
 
 
 def allocator_counters(device: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ from kvprof.testing import conformance
 from kvprof.trace import read_trace
 from kvprof_infinigen.plugin import InfiniGenStrategy
 from kvprof_infinigen.policy import require_room
-from kvprof_infinigen.selection import select_tokens, speculative_scores
+from kvprof_infinigen.selection import select_tokens, select_within_cap, speculative_scores
 from kvprof_infinigen.skewing import skew_from
 from kvprof_transformers.loading import LoadedModel, load_model
 from kvprof_transformers.runner import CachePolicy
@@ -88,6 +88,23 @@ def test_selection_edges() -> None:
     assert positions.tolist() == [[list(range(10))] * 2]
 
 
+@pytest.mark.parametrize("alpha, cap, held", [(1.0, 30, 60), (3.0, 30, 60), (3.0, 5, 60), (5.0, 40, 25),
+                                              (0.0, 30, 60), (1e9, 60, 60), (1e9, 80, 33)])
+def test_the_graph_safe_selection_equals_the_eager_rule(alpha: float, cap: int, held: int) -> None:
+    """select_within_cap (fixed shapes: every slot scored, slots past `held` at -inf; the count
+    and cap on the device) selects what select_tokens selects over the held tokens."""
+    generator = torch.Generator().manual_seed(int(alpha * 10) + cap + held)
+    slots = 80
+    scores = torch.randn(2, 3, 4, slots, generator=generator, dtype=torch.float64) * 2
+    positions, count = select_tokens(scores[..., :held], alpha, cap)
+    masked = scores.clone()
+    masked[..., held:] = float("-inf")
+    fixed, fixed_count = select_within_cap(masked, alpha, min(cap, slots), torch.tensor([held]))
+    assert fixed.shape == (2, 3, min(cap, slots)) and fixed_count.shape == (1,)
+    assert int(fixed_count) == int(count)
+    assert selected(fixed, fixed_count) == selected(positions, count)
+
+
 # --- skewing -----------------------------------------------------------------------------------
 
 
@@ -117,14 +134,80 @@ def test_skew_is_orthogonal_keeps_scores_and_concentrates_energy() -> None:
 
 
 @pytest.mark.slow
-def test_alpha_large_enough_to_select_everything_reproduces_full(smollm2: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["static", "eager"])
+def test_alpha_large_enough_to_select_everything_reproduces_full(smollm2: LoadedModel, engine: str,
+                                                                 tmp_path: Path) -> None:
     requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)
     full, _ = run_policy(smollm2, CachePolicy(), requests, tmp_path / "full.arrow")
-    policy = infinigen_policy(smollm2, alpha=1e9, budget=1.0, calibration_tokens=256)
+    policy = infinigen_policy(smollm2, alpha=1e9, budget=1.0, calibration_tokens=256, engine=engine)
     outputs, trace = run_policy(smollm2, policy, requests, tmp_path / "infinigen.arrow")
     assert outputs == full
     speculated = [e for e in offload_events(trace) if e["dst_medium"] == "device" and e["layer"] >= 2]
     assert speculated and all(e["tokens"] == dict(e["ext"])["stored_tokens"] for e in speculated)
+
+
+def selected_rows(trace: object) -> list[tuple]:
+    """Every speculated fetch of a detail-"head" trace: (step, layer, request, KV head, positions)."""
+    return sorted((e["step"], e["layer"], e["request_id"], e["kv_head"], tuple(e["positions"][0]))
+                  for e in offload_events(trace) if e["dst_medium"] == "device" and e["positions"] is not None)
+
+
+def assert_fast_engine_selects_as_the_eager_one(loaded: LoadedModel, requests: list, tmp_path: Path,
+                                                **options: object) -> list[tuple]:
+    eager_tokens, eager = run_policy(loaded, infinigen_policy(loaded, engine="eager", **options), requests,
+                                     tmp_path / "eager.arrow", detail="head")
+    fast_tokens, fast = run_policy(loaded, infinigen_policy(loaded, engine="static", **options), requests,
+                                   tmp_path / "static.arrow", detail="head")
+    rows = selected_rows(eager)
+    layers = loaded.config.get_text_config().num_hidden_layers
+    assert {(step, layer) for step, layer, *_ in rows} == {
+        (step, layer) for step in range(len(eager_tokens[0]) - 1) for layer in range(2, layers)}
+    assert selected_rows(fast) == rows  # every step, speculated layer, request and KV head
+    assert fast_tokens == eager_tokens
+    return rows
+
+
+def test_the_fast_engine_selects_what_the_eager_reference_selects(tiny4: LoadedModel, tmp_path: Path) -> None:
+    requests = build_requests(tiny4, "synthetic", prompt_len=64, output_len=5, num_prompts=2)
+    rows = assert_fast_engine_selects_as_the_eager_one(tiny4, requests, tmp_path, calibration_tokens=64)
+    assert any(len(positions) < 64 for *_, positions in rows)  # a real selection, not everything
+
+
+@pytest.mark.slow
+def test_the_fast_engine_selects_what_the_eager_reference_selects_on_smollm2(smollm2: LoadedModel,
+                                                                            tmp_path: Path) -> None:
+    """A fixed prompt, SmolLM2 (30 layers: 28 speculated), default alpha and budget: the same
+    tokens at every step, speculated layer, request and KV head."""
+    requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=4, num_prompts=2, depth=0.3)
+    rows = assert_fast_engine_selects_as_the_eager_one(smollm2, requests, tmp_path, calibration_tokens=256)
+    assert any(len(positions) < 256 for *_, positions in rows)
+
+
+def test_the_triton_row_gather_in_the_interpreter(tmp_path: Path) -> None:
+    """The GPU gather kernel, run by Triton's interpreter on the CPU, against a plain gather:
+    only the first `count` rows are written."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from kvprof_transformers import host_store as hs\n"
+        "assert hs._triton_available()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "k, v = torch.randn(2, 3, 70, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)\n"
+        "pos = torch.rand(2, 3, 70, generator=g).argsort(-1)[..., :40].sort(-1).values\n"
+        "dk, dv = torch.zeros(2, 3, 41, 16), torch.zeros(2, 3, 41, 16)\n"
+        "hs._gather_rows_triton(k, v, pos, torch.tensor([35]), dk, dv)\n"
+        "i = pos[..., :35].unsqueeze(-1).expand(-1, -1, -1, 16)\n"
+        "assert torch.equal(dk[:, :, :35], k.gather(2, i)) and torch.equal(dv[:, :, :35], v.gather(2, i))\n"
+        "assert (dk[:, :, 35:] == 0).all() and (dv[:, :, 35:] == 0).all()\n"
+        "print('ok')\n")
+    import os
+
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +225,12 @@ def tiny4(tiny4_folder: str) -> LoadedModel:
     return load_model(resolve_model(tiny4_folder, "random"), "cpu")
 
 
-def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["static", "eager"])
+def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedModel, engine: str,
+                                                                tmp_path: Path) -> None:
     prompt, output, budget = 64, 5, 0.2
     requests = build_requests(tiny4, "synthetic", prompt_len=prompt, output_len=output, num_prompts=2)
-    policy = infinigen_policy(tiny4, budget=budget, calibration_tokens=64)
+    policy = infinigen_policy(tiny4, budget=budget, calibration_tokens=64, engine=engine)
     _, trace = run_policy(tiny4, policy, requests, tmp_path / "infinigen.arrow", detail="head")
     cap = int(budget * (prompt + output))
     config = tiny4.config
@@ -179,15 +264,18 @@ def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedMod
     assert [d["kv_host_bytes"] for d in decode] == [4 * (prompt + s + 1) * token_bytes for s in range(steps)]
 
 
+@pytest.mark.parametrize("engine", ["static", "eager"])
 @pytest.mark.parametrize("columns", ["prefill", "calibration"])
 def test_both_column_choices_reproduce_full_when_everything_is_selected(tiny4: LoadedModel, columns: str,
-                                                                      tmp_path: Path) -> None:
+                                                                      engine: str, tmp_path: Path) -> None:
     requests = build_requests(tiny4, "synthetic", prompt_len=48, output_len=5, num_prompts=2)
     full, _ = run_policy(tiny4, CachePolicy(), requests, tmp_path / "full.arrow")
-    policy = infinigen_policy(tiny4, alpha=1e9, budget=1.0, calibration_tokens=64, partial_columns=columns)
+    policy = infinigen_policy(tiny4, alpha=1e9, budget=1.0, calibration_tokens=64, partial_columns=columns,
+                              engine=engine)
     outputs, trace = run_policy(tiny4, policy, requests, tmp_path / "infinigen.arrow")
     assert outputs == full
-    widths = {tuple(p.shape) for p in policy.partial_skew.values()} if columns == "calibration" else set()
+    skews = getattr(policy, "calibrated", None) if engine == "static" else policy.partial_skew
+    widths = {tuple(p.shape) for p in skews.values()} if columns == "calibration" else set()
     assert len(widths) <= 1  # calibration: one width for all layers (zero columns pad the narrower)
     assert trace.of_kind("phase").num_rows > 0
 

@@ -13,7 +13,7 @@ from kvprof.models import resolve_model
 from kvprof.testing import conformance
 from kvprof_transformers.host_store import DeviceRing, HostKVStore
 from kvprof_transformers.loading import LoadedModel, load_model
-from kvprof_transformers.offload import HostOffloadPolicy
+from kvprof_transformers.offload import HostOffloadPolicy, StaticOffloadPolicy
 from kvprof_transformers.runner import CachePolicy
 
 from transformers_runs import build_requests, offload_events, run_policy
@@ -103,6 +103,43 @@ def test_offload_events_account_for_every_copy(tiny: LoadedModel, tmp_path: Path
     # On a CPU device a fetch is a synchronous copy: every fetch is a stall of the compute.
     stalls = [p for p in trace.of_kind("phase").to_pylist() if p["phase"] == "kv_transfer"]
     assert [(p["step"], p["layer"]) for p in stalls] == [(e["step"], e["layer"]) for e in fetches]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_fast_engine_generates_what_full_generates_also_with_padding(tiny: LoadedModel, overlap: bool,
+                                                                         tmp_path: Path) -> None:
+    requests = build_requests(tiny, "synthetic", prompt_len=48, output_len=5, num_prompts=3)
+    requests[1] = dataclasses.replace(requests[1], prompt_token_ids=requests[1].prompt_token_ids[7:])
+    full, _ = run_policy(tiny, CachePolicy(), requests, tmp_path / "full.arrow")
+    outputs, trace = run_policy(tiny, StaticOffloadPolicy(overlap=overlap), requests, tmp_path / "offload.arrow")
+    assert outputs == full
+
+
+def test_the_fast_engine_accounts_for_every_copy(tiny: LoadedModel, tmp_path: Path) -> None:
+    """Fixed-size whole-layer copies (every slot of the block) report the KV they carry (the held
+    tokens) and the bytes they moved (ext copied_bytes); write-backs one event per step."""
+    prompt, output = 48, 5
+    requests = build_requests(tiny, "synthetic", prompt_len=prompt, output_len=output, num_prompts=2)
+    policy = StaticOffloadPolicy()
+    _, trace = run_policy(tiny, policy, requests, tmp_path / "offload.arrow")
+    config = tiny.config
+    layers, steps, slots = config.num_hidden_layers, output - 1, prompt + output
+    token_bytes = 2 * 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    events = offload_events(trace)
+    fetches = [e for e in events if e["dst_medium"] == "device"]
+    assert [(e["step"], e["layer"], e["tokens"], e["bytes"]) for e in fetches] == [
+        (step, layer, prompt + step, (prompt + step) * token_bytes) for step in range(steps) for layer in range(layers)]
+    assert {dict(e["ext"])["copied_bytes"] for e in fetches} == {slots * token_bytes}
+    stores = [e for e in events if e["src_medium"] == "device"]
+    assert [(e["step"], e["layer"], e["tokens"]) for e in stores if e["step"] is None] == [
+        (None, layer, prompt) for layer in range(layers)]
+    assert [(e["step"], e["tokens"], e["bytes"]) for e in stores if e["step"] is not None] == [
+        (step, layers, layers * token_bytes) for step in range(steps)]
+    decode = trace.of_kind("decode_step").to_pylist()
+    assert [d["kv_host_bytes"] for d in decode] == [layers * (prompt + s + 1) * token_bytes for s in range(steps)]
+    assert {d["kv_device_bytes"] for d in decode} == {2 * slots * token_bytes}  # two layers' blocks
+    stalls = [p for p in trace.of_kind("phase").to_pylist() if p["phase"] == "kv_transfer"]
+    assert [(p["step"], p["layer"]) for p in stalls] == [(e["step"], e["layer"]) for e in fetches]  # CPU: sync
 
 
 @pytest.mark.parametrize("detail", ["step", "layer", "head"])

@@ -39,6 +39,10 @@ class InfiniGenStrategy(TransformersStrategy):
         Option("partial_columns", "prefill", "prefill: partial columns chosen from each prompt's queries "
                "(authors' runtime); calibration: offline union of the top |QA| and |KA| columns "
                "(authors' accuracy code)", check=_one_of(COLUMN_SOURCES)),
+        Option("engine", "static", "static: the fast engine (graph-captured step, speculation on a side stream, "
+               "no host wait); eager: transformers' cache and hooks, one synchronised step at a time (the "
+               "reference)", check=_one_of(("static", "eager"))),
+        Option("graphs", True, "static engine: capture the decode step in a CUDA graph (CUDA only)"),
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
@@ -50,10 +54,16 @@ class InfiniGenStrategy(TransformersStrategy):
         skew = load_or_compute(loaded, access, options["calibration_tokens"])
         settings = InfiniGenSettings(options["alpha"], options["partial_weight_ratio"], options["budget"],
                                      options["max_num_kv"], options["partial_columns"])
-        return InfiniGenPolicy(access, skew, settings)
+        if options.get("engine", "static") == "eager":
+            return InfiniGenPolicy(access, skew, settings)
+        from kvprof_infinigen.fast import StaticInfiniGenPolicy
+
+        return StaticInfiniGenPolicy(access, skew, settings, graphs=options.get("graphs", True))
 
     def policy_metadata(self, policy: CachePolicy) -> dict:
-        return {"infinigen_calibration": policy.skew_data.meta}
+        return {"infinigen_calibration": policy.skew_data.meta,
+                "engine": "eager" if type(policy).__name__ == "InfiniGenPolicy" else "static",
+                "cuda_graphs": bool(getattr(policy, "graphs", False))}
 
     def describe_deviations(self) -> list[str]:
         return [
@@ -66,15 +76,18 @@ class InfiniGenStrategy(TransformersStrategy):
             ("skew matrices are calibrated on calibration.txt (public-domain prose shipped with kvprof), not "
              "PG-19; partial columns are chosen from the prompt's queries summed over all batch rows (authors: "
              "batch row 0)"),
-            "selected positions are sorted ascending before the gather (attention does not depend on order)",
-            ("speculation runs on the compute stream (authors: a separate stream) and is timed as a phase; only "
-             "the selected-token count reaches the host once per speculated layer (the authors' .item() does "
-             "too); where the GPU can read pinned host memory it gathers the selected rows itself on the fetch "
-             "stream (authors: a CPU gather into a pinned buffer, then a copy), else kvprof gathers on the CPU"),
+            ("selected positions are in ascending order (attention does not depend on order); each head's "
+             "top-count set is found by a threshold (the count-th largest score) and a prefix-sum compaction "
+             "(authors: top-k); ties at the threshold keep the earliest slots"),
+            ("static engine (default): speculation of layer t+1 starts with layer t on a high-priority side "
+             "stream (authors: a separate stream), the count never reaches the host during a step (authors: "
+             ".item()), and the GPU gathers only the selected rows straight from mapped pinned host memory on "
+             "the copy stream (authors: a CPU gather into a pinned buffer, then a copy); layers 0-1 fetch all "
+             "slots of their block (fixed-size copies, unwritten slots masked). engine=eager: speculation on the "
+             "compute stream, one host wait per layer for the count"),
             ("max_num_kv = budget x (prompt + output tokens) unless given; no host-memory pool limit or "
              "eviction (the authors have it only in their accuracy simulation)"),
-            ("batches must have equal-length prompts: layers hold different token counts, so decode runs "
-             "with sdpa and no mask"),
+            "batches must have equal-length prompts (no padding)",
         ]
 
 

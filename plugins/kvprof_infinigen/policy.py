@@ -1,4 +1,6 @@
-"""InfiniGen's cache policy: full KV in host memory, speculative prefetch of the tokens that matter.
+"""InfiniGen's eager cache policy (`--opt engine=eager`): the reference the fast engine
+(`fast.py`, the default) is tested against. Full KV in host memory, speculative prefetch of the
+tokens that matter.
 
 Per decode step, for each layer t >= 2 (layers 0 and 1 fetch their whole KV, as in the authors'
 code), while layer t-1 runs:
@@ -90,23 +92,8 @@ class InfiniGenPolicy(HostOffloadPolicy):
                        for i, layer in enumerate(self.decoder_layers)]
 
     def _columns_from_calibration(self) -> None:
-        """The authors' accuracy-path columns: per KV head, the union of the top columns by
-        calibration |Q·A| and by |K·A|. Heads (and layers) with a smaller union get zero columns
-        up to the widest one's width, which adds nothing to the scores."""
-        top = self.partial_width
-        masks = {}
-        for layer in range(FULL_LAYERS, self.num_layers):
-            mask = torch.zeros(self.kv_heads, self.head_dim, dtype=torch.bool)
-            for energy in (self.skew_data.query_energy[layer], self.skew_data.key_energy[layer]):
-                mask.scatter_(-1, energy.topk(top, dim=-1).indices, True)
-            masks[layer] = mask
-        self.partial_width = max((int(mask.sum(-1).max()) for mask in masks.values()), default=top)
-        for layer, mask in masks.items():
-            partial = self.skew.new_zeros(self.kv_heads, self.head_dim, self.partial_width)
-            for head in range(self.kv_heads):
-                columns = mask[head].nonzero().squeeze(-1).to(self.skew.device)
-                partial[head, :, :len(columns)] = self.skew[layer, head][:, columns]
-            self.partial_skew[layer] = partial
+        self.partial_skew, self.partial_width = calibration_partial_skew(
+            self.skew, self.skew_data, self.partial_width, range(FULL_LAYERS, self.num_layers))
 
     def new_cache(self, batch: Batch) -> Any:
         if any(batch.pad_lens):
@@ -204,12 +191,7 @@ class InfiniGenPolicy(HostOffloadPolicy):
         """The authors' runtime choice: per KV head, the partial_weight_ratio of columns with the
         largest sum of |Q·A| over the prompt (here over all batch rows and the query group)."""
         queries = self.access.query(layer, kwargs["hidden_states"], kwargs["position_embeddings"])
-        batch, _, tokens, dim = queries.shape
-        grouped = queries.view(batch, self.kv_heads, -1, tokens, dim)
-        skewed = torch.einsum("bkgnd,kde->bkgne", grouped, self.skew[layer])
-        energy = skewed.abs().sum(dim=(0, 2, 3), dtype=torch.float32)          # [kv_heads, dim]
-        columns = energy.topk(self.partial_width, dim=-1).indices              # [kv_heads, partial]
-        self.partial_skew[layer] = self.skew[layer].gather(-1, columns.unsqueeze(1).expand(-1, dim, -1))
+        self.partial_skew[layer] = prefill_partial_skew(self.skew[layer], queries, self.partial_width)
 
     def _speculate(self, target: int, kwargs: dict[str, Any]) -> None:
         """Choose layer `target`'s tokens from this layer's attention input (see module doc)."""
@@ -266,6 +248,44 @@ class InfiniGenPolicy(HostOffloadPolicy):
     def copy_ext(self, copy: Copy) -> dict[str, float]:
         """Fetches say whether they are a speculated selection (layers 2+) or a whole layer."""
         return {"speculated": float(copy.layer >= FULL_LAYERS)} if copy.to_device else {}
+
+
+def calibration_partial_skew(skew: torch.Tensor, skew_data: Skew, top: int,
+                             layers: Any) -> tuple[dict[int, torch.Tensor], int]:
+    """The authors' accuracy-path columns: per KV head, the union of the top columns by
+    calibration |Q·A| and by |K·A|. Heads (and layers) with a smaller union get zero columns up
+    to the widest one's width, which adds nothing to the scores. Returns the partial skew per
+    layer ``[kv_heads, head_dim, width]`` and the width."""
+    kv_heads, head_dim = skew.shape[1], skew.shape[2]
+    masks = {}
+    for layer in layers:
+        mask = torch.zeros(kv_heads, head_dim, dtype=torch.bool)
+        for energy in (skew_data.query_energy[layer], skew_data.key_energy[layer]):
+            mask.scatter_(-1, energy.topk(top, dim=-1).indices, True)
+        masks[layer] = mask
+    width = max((int(mask.sum(-1).max()) for mask in masks.values()), default=top)
+    partial_skew = {}
+    for layer, mask in masks.items():
+        partial = skew.new_zeros(kv_heads, head_dim, width)
+        for head in range(kv_heads):
+            columns = mask[head].nonzero().squeeze(-1).to(skew.device)
+            partial[head, :, :len(columns)] = skew[layer, head][:, columns]
+        partial_skew[layer] = partial
+    return partial_skew, width
+
+
+def prefill_partial_skew(skew: torch.Tensor, queries: torch.Tensor, width: int) -> torch.Tensor:
+    """The authors' runtime choice of a layer's partial columns: per KV head, the `width` columns
+    with the largest sum of |Q·A| over the prompt (here over all batch rows and the query
+    group). queries ``[batch, query_heads, tokens, head_dim]`` post-RoPE; skew: the layer's
+    ``[kv_heads, head_dim, head_dim]``. Returns ``[kv_heads, head_dim, width]``."""
+    batch, _, tokens, dim = queries.shape
+    kv_heads = skew.shape[0]
+    grouped = queries.view(batch, kv_heads, -1, tokens, dim)
+    skewed = torch.einsum("bkgnd,kde->bkgne", grouped, skew)
+    energy = skewed.abs().sum(dim=(0, 2, 3), dtype=torch.float32)          # [kv_heads, dim]
+    columns = energy.topk(width, dim=-1).indices                            # [kv_heads, partial]
+    return skew.gather(-1, columns.unsqueeze(1).expand(-1, dim, -1))
 
 
 def require_room(needed_bytes: int, free_bytes: int) -> None:

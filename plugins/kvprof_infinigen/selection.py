@@ -56,3 +56,38 @@ def select_tokens(scores: torch.Tensor, alpha: float, max_num_kv: int) -> tuple[
     unchosen = torch.arange(limit, device=scores.device) >= count
     positions = top.masked_fill(unchosen, tokens).sort(dim=-1).values
     return positions, count
+
+
+def select_within_cap(scores: torch.Tensor, alpha: float, cap: int,
+                      held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_tokens`' rule on fixed shapes, with no host value: graph-capturable.
+
+    scores: ``[batch, kv_heads, group, slots]`` speculative logits over every slot of the cache,
+    -inf where a slot holds no token yet; cap: the fixed `max_num_kv` (<= slots); held: (1,)
+    int64 device tensor, the tokens held (the count is capped by min(cap, held), as
+    `select_tokens` caps by min(max_num_kv, tokens)).
+
+    Returns ``(positions, count)``: positions ``[batch, kv_heads, cap]`` int64 whose first `count`
+    entries per head are the selected slots in ascending order (the rest are unspecified), and
+    `count` (1,) int64, equal to `select_tokens`' count. The selected set is each head's top
+    `count` tokens, found without a top-k of the positions or a sort: the count-th largest score
+    per head (from the top-cap values) is a threshold, and the slots at or above it are
+    compacted in slot order by a prefix sum (ties at the threshold: the earliest slots).
+    """
+    batch, kv_heads, _, slots = scores.shape
+    relative = scores - scores.amax(dim=-1, keepdim=True)
+    per_kv_head = relative.amax(dim=2)                                       # [batch, kv_heads, slots]
+    counts = (per_kv_head > -alpha).sum(dim=-1)
+    limit = held.clamp(max=cap)
+    count = torch.minimum(counts.sum().div(counts.numel(), rounding_mode="floor").view(1), limit)
+    top = per_kv_head.topk(cap, dim=-1, sorted=True).values                  # [batch, kv_heads, cap]
+    index = (count - 1).clamp(min=0).view(1, 1, 1).expand(batch, kv_heads, 1)
+    threshold = top.gather(-1, index)                                        # the count-th largest
+    keep = (per_kv_head >= threshold) & (count > 0).view(1, 1, 1)
+    order = keep.cumsum(dim=-1)
+    keep &= order <= count.view(1, 1, 1)
+    target = torch.where(keep, order - 1, cap)                                # dropped ones: a spare column
+    positions = torch.zeros((batch, kv_heads, cap + 1), dtype=torch.long, device=scores.device)
+    slot_ids = torch.arange(slots, device=scores.device).expand(batch, kv_heads, slots)
+    positions.scatter_(-1, target, slot_ids)
+    return positions[..., :cap], count

@@ -381,3 +381,266 @@ def _device_can_read_pinned(device: torch.device) -> bool:
         except (RuntimeError, TypeError, ValueError):
             _MAPPING_WORKS[key] = False
     return _MAPPING_WORKS[key]
+
+
+# --- the fast engine's host store: fixed shapes, graph-capturable copies -----------------------------
+
+
+class PinnedLayers:
+    """Every layer's K/V in host memory, ``[batch, kv_heads, slots, head_dim]`` per layer, for the
+    fast engine (`offload` and `infinigen` on `StaticPolicy`): slot j holds what `StaticKV` would.
+
+    On a GPU the buffers are pinned and mapped into the device's address space, so kernels write
+    new tokens straight into them at a slot held in device memory (`store_at`, graph-safe) and
+    gather rows from them (`gather_rows`); whole-layer fetches are one DMA of the layer's block
+    (`fetch_into`). On a CPU device they are plain tensors and the same calls are plain copies.
+    The pinned buffers are kept between runs of one geometry (`_HOST_POOL`): pinning tens of GB
+    takes seconds, and a benchmark runs several strategies on one geometry.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, slots: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.shape = (batch, kv_heads, slots, head_dim)
+        self.dtype, self.device = dtype, device
+        if self.cuda and not _device_can_read_pinned(device):
+            raise RuntimeError("this GPU cannot read pinned host memory through unified addressing")
+        buffers = _host_buffers(2 * num_layers, self.shape, dtype, self.cuda)
+        self.keys, self.values = buffers[:num_layers], buffers[num_layers:]
+        self.device_keys = [_mapped(t, device) if self.cuda else t for t in self.keys]
+        self.device_values = [_mapped(t, device) if self.cuda else t for t in self.values]
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one slot's K and V in one layer (all batch rows and KV heads)."""
+        batch, heads, _, dim = self.shape
+        return 2 * batch * heads * dim * self.dtype.itemsize
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one layer's K and V block (every slot)."""
+        return self.token_bytes * self.shape[2]
+
+    def clear_from(self, first: int) -> None:
+        """Slots from `first` on hold zeros (masked slots are still read: no NaN may hide there)."""
+        for tensor in self.keys + self.values:
+            tensor[:, :, first:].zero_()
+
+    def store_chunk(self, layer: int, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Eager: a chunk's K/V ``[batch, kv_heads, n, head_dim]`` at slots [first, first + n)
+        (on a GPU a copy kernel writes through the mapping, on the current stream)."""
+        n = keys.shape[-2]
+        self.device_keys[layer][:, :, first:first + n].copy_(keys)
+        self.device_values[layer][:, :, first:first + n].copy_(values)
+
+    def store_at(self, layer: int, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Graph-safe: one token per row at the slot in the device tensor `slot` (1,)."""
+        self.device_keys[layer].index_copy_(2, slot, keys)
+        self.device_values[layer].index_copy_(2, slot, values)
+
+    def fetch_into(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The layer's whole block into device buffers of its shape: one DMA each, on the
+        current stream (graph-capturable: fixed addresses and size). Where torch's pinned copy
+        cannot be captured, the copy reads the mapped store instead."""
+        if self.cuda and not _pinned_copy_capturable(self.device):
+            keys.copy_(self.device_keys[layer])
+            values.copy_(self.device_values[layer])
+            return
+        keys.copy_(self.keys[layer], non_blocking=self.cuda)
+        values.copy_(self.values[layer], non_blocking=self.cuda)
+
+
+_PINNED_COPY_CAPTURABLE: dict[str, bool] = {}
+
+
+def _pinned_copy_capturable(device: torch.device) -> bool:
+    """Whether a non-blocking pinned-host-to-device copy can be captured in a CUDA graph (checked
+    once per device, on a small copy)."""
+    key = str(device)
+    if key not in _PINNED_COPY_CAPTURABLE:
+        host = torch.arange(4096, dtype=torch.int64).pin_memory()
+        target = torch.zeros(4096, dtype=torch.int64, device=device)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+                target.copy_(host, non_blocking=True)
+            graph.replay()
+            torch.cuda.synchronize(device)
+            _PINNED_COPY_CAPTURABLE[key] = torch.equal(target.cpu(), host)
+        except RuntimeError:
+            torch.cuda.synchronize(device)
+            _PINNED_COPY_CAPTURABLE[key] = False
+    return _PINNED_COPY_CAPTURABLE[key]
+
+
+_HOST_POOL: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+
+def _host_buffers(count: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> list[torch.Tensor]:
+    """`count` host tensors of `shape`; pinned ones are reused from the last call of that geometry."""
+    key = (count, shape, dtype, pin)
+    if pin and key in _HOST_POOL:
+        return _HOST_POOL[key]
+    _HOST_POOL.clear()  # one geometry at a time: free the old pinned memory first
+    buffers = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(count)]
+    if pin:
+        _HOST_POOL[key] = buffers
+    return buffers
+
+
+def gather_rows(src_keys: torch.Tensor, src_values: torch.Tensor, positions: torch.Tensor, count: torch.Tensor,
+                dst_keys: torch.Tensor, dst_values: torch.Tensor) -> None:
+    """Copy, per (batch row, KV head), the first `count` selected slots into the first `count` rows.
+
+    src_*: ``[batch, kv_heads, slots, head_dim]`` (on a GPU: the mapped pinned store, so the reads
+    go over the link); positions: ``[batch, kv_heads, cap]`` int64; count: (1,) or 0-d int64 on
+    the device, the same for every head; dst_*: ``[batch, kv_heads, rows >= cap, head_dim]``.
+    Rows from `count` on are left as they were (attention masks them). On CUDA one Triton
+    kernel reads only the selected rows (programs past `count` return at once): graph-safe, no
+    host wait. Elsewhere: a plain gather of the whole cap.
+    """
+    if src_keys.is_cuda and _triton_available() and _TRITON.get("gather_ok", True):
+        try:
+            _gather_rows_triton(src_keys, src_values, positions, count, dst_keys, dst_values)
+            _TRITON["gather_ok"] = True
+            return
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not build here: the plain gather
+            _TRITON["gather_ok"] = False
+            _TRITON["gather_error"] = f"{type(exc).__name__}: {exc}"
+    cap = positions.shape[-1]
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, src_keys.shape[-1])
+    dst_keys[:, :, :cap].copy_(src_keys.gather(2, index))
+    dst_values[:, :, :cap].copy_(src_values.gather(2, index))
+
+
+_TRITON: dict[str, Any] = {}
+
+
+def _triton_available() -> bool:
+    if "ok" not in _TRITON:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON["ok"] = True
+            _define_kernels()
+        except Exception:  # noqa: BLE001 - any import or definition problem: fall back
+            _TRITON["ok"] = False
+    return _TRITON["ok"]
+
+
+def _define_kernels() -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gather_kernel(src_k, src_v, pos, count_ptr, dst_k, dst_v, slots, cap, dst_rows,
+                      DIM: tl.constexpr, BLOCK: tl.constexpr):
+        block = tl.program_id(0)
+        head = tl.program_id(1).to(tl.int64)          # batch row * kv_heads + head
+        count = tl.load(count_ptr)
+        first = block * BLOCK
+        if first < count:
+            rows = first + tl.arange(0, BLOCK)
+            ok = rows < count
+            where = tl.load(pos + head * cap + rows, mask=ok, other=0).to(tl.int64)
+            cols = tl.arange(0, DIM)[None, :]
+            source = (head * slots + where)[:, None] * DIM + cols
+            target = (head * dst_rows + rows)[:, None] * DIM + cols
+            tl.store(dst_k + target, tl.load(src_k + source, mask=ok[:, None]), mask=ok[:, None])
+            tl.store(dst_v + target, tl.load(src_v + source, mask=ok[:, None]), mask=ok[:, None])
+
+    @triton.jit
+    def stamp_kernel(out, step_ptr, index, width):
+        step = tl.load(step_ptr)
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                        pack=1)
+        tl.store(out + step * width + index, now)
+
+    @triton.jit
+    def value_kernel(out, step_ptr, index, width, value_ptr):
+        step = tl.load(step_ptr)
+        tl.store(out + step * width + index, tl.load(value_ptr).to(tl.int64))
+
+    _TRITON.update(gather=gather_kernel, stamp=stamp_kernel, value=value_kernel)
+
+
+GATHER_BLOCK = 32
+
+
+def _gather_rows_triton(src_keys: torch.Tensor, src_values: torch.Tensor, positions: torch.Tensor,
+                        count: torch.Tensor, dst_keys: torch.Tensor, dst_values: torch.Tensor) -> None:
+    batch, heads, slots, dim = src_keys.shape
+    cap = positions.shape[-1]
+    grid = (-(-cap // GATHER_BLOCK), batch * heads)
+    _TRITON["gather"][grid](src_keys, src_values, positions, count, dst_keys, dst_values, slots, cap,
+                            dst_keys.shape[2], DIM=dim, BLOCK=GATHER_BLOCK, num_warps=4)
+
+
+class StepLog:
+    """Per decode step, a row of int64 slots that device work fills in without host waits:
+    timestamps (`stamp`: the GPU's global timer, ns) and values (`value`: a device scalar such as
+    a selected-token count), at the row of the step in the device tensor `step` (1,).
+
+    On a GPU the rows are pinned host memory written by tiny kernels through the mapping, so the
+    host reads a finished step's row with no copy and no stream wait; recorded inside a CUDA
+    graph, each replay fills its own row. On a CPU device the calls run eagerly: timestamps are
+    the host monotonic clock, values are read at once.
+    """
+
+    def __init__(self, steps: int, width: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.width = width
+        self.rows = torch.zeros((max(steps, 1), width), dtype=torch.int64, pin_memory=self.cuda)
+        self.device_rows = _mapped(self.rows, device) if self.cuda else self.rows
+        self.timer = not self.cuda or _timer_works(device)
+
+    def stamp(self, step: torch.Tensor, index: int) -> None:
+        if not self.cuda:
+            self.rows[int(step), index] = time.monotonic_ns()
+        elif self.timer:  # (without a GPU timer the row keeps zeros: phases then have no length)
+            _TRITON["stamp"][(1,)](self.device_rows, step, index, self.width, num_warps=1)
+
+    def value(self, step: torch.Tensor, index: int, value: torch.Tensor) -> None:
+        if not self.cuda:
+            self.rows[int(step), index] = int(value)
+        elif self.timer:
+            _TRITON["value"][(1,)](self.device_rows, step, index, self.width, value, num_warps=1)
+        else:
+            self.device_rows.view(-1).index_copy_(0, step * self.width + index, value.view(1).to(torch.int64))
+
+    def row(self, step: int) -> list[int]:
+        """A finished step's row (the caller knows the step is over)."""
+        return self.rows[step].tolist()
+
+
+_TIMER_WORKS: dict[str, bool] = {}
+
+
+def _timer_works(device: torch.device) -> bool:
+    """Whether the Triton kernels that stamp the GPU timer build and run here (checked once)."""
+    key = str(device)
+    if key not in _TIMER_WORKS:
+        try:
+            if not _triton_available():
+                raise RuntimeError("no Triton")
+            probe = torch.zeros((1, 2), dtype=torch.int64, device=device)
+            step = torch.zeros(1, dtype=torch.long, device=device)
+            _TRITON["stamp"][(1,)](probe, step, 0, 2, num_warps=1)
+            _TRITON["stamp"][(1,)](probe, step, 1, 2, num_warps=1)
+            first, second = probe[0].tolist()
+            _TIMER_WORKS[key] = 0 < first <= second
+        except Exception as exc:  # noqa: BLE001
+            _TRITON["timer_error"] = f"{type(exc).__name__}: {exc}"
+            _TIMER_WORKS[key] = False
+    return _TIMER_WORKS[key]
+
+
+def side_streams(device: torch.device) -> tuple[Any, Any]:
+    """(copy stream, high-priority speculation stream) on CUDA; (None, None) elsewhere."""
+    if device.type != "cuda":
+        return None, None
+    # A priority beyond the device's range maps to its highest (torch.cuda.Stream's contract).
+    return torch.cuda.Stream(device), torch.cuda.Stream(device, priority=-100)

@@ -1,5 +1,10 @@
 """`offload`: whole-layer KV offload to host memory, the FlexGen-style baseline of InfiniGen.
 
+Two engines. `StaticOffloadPolicy` (the default, `--opt engine=static`, at the end of this file)
+runs on the fast engine: a pinned, mapped host store and a graph-captured decode step with its
+copies on a copy stream. `HostOffloadPolicy` (`--opt engine=eager`, described below) is the
+eager reference on transformers' cache and hooks; `infinigen --opt engine=eager` builds on it.
+
 Every layer's full KV lives in a `HostKVStore` (pinned host memory on a GPU). During decode,
 before layer i's attention its whole KV is copied back to the device: the copy of layer i+1 is
 issued when layer i starts, on a separate CUDA stream, so it overlaps layer i's compute (and the
@@ -28,8 +33,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvprof.events import Medium, Phase
 from kvprof.strategy import UsageError
 
-from kvprof_transformers.host_store import Copy, DeviceRing, HostKVStore
-from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner
+from kvprof_transformers.host_store import (
+    Copy, DeviceRing, HostKVStore, PinnedLayers, StepLog, _on, _record, side_streams,
+)
+from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner, StaticPolicy, free_memory_bytes
+from kvprof_transformers.static_cache import PassThroughCache, decode_attention, prefill_attention, uninstall
 
 
 class HostBackedLayer(DynamicLayer):
@@ -300,3 +308,360 @@ def decoder_layers(model: Any) -> list[Any]:
     if layers is None:
         raise UsageError(f"cannot find the decoder layers of {type(model).__name__}")
     return list(layers)
+
+
+# --- `offload` on the fast engine ------------------------------------------------------------------
+
+
+class StaticOffloadPolicy(StaticPolicy):
+    """`offload` on the fast engine: every layer's KV in pinned host memory (`PinnedLayers`), the
+    decode step graph-captured with its copies.
+
+    Per decode step (all inside one CUDA graph on a GPU): the copy stream forks from the compute
+    stream at the step's start; each layer's whole KV block (all slots: a fixed size, so the
+    copy can be captured; slots not yet written are masked) is copied by DMA into one of two
+    device ring buffers. With `overlap`, layer t+1's copy is issued when layer t starts (its
+    attention module's pre-hook), after layer t-1 released that ring buffer (an event); without,
+    each layer's copy is issued when its attention needs it and waited for at once (FlexGen
+    without overlap, the InfiniGen paper's baseline). The compute stream waits on the copy's
+    event, writes the new token into the ring buffer and, through the mapping, into the host
+    store, and attends with the step's additive mask. The streams join at the step's end.
+
+    Timing without host waits: tiny kernels stamp the GPU timer into a per-step row of pinned
+    memory (`StepLog`) at the step start, around each copy (copy stream) and where the compute
+    stream starts waiting for it; the host reads a step's row once the step is over (`drain`,
+    DRAIN_LAG steps behind) and turns it into offload events and KV_TRANSFER phases (compute
+    stream waiting: from the wait's start to the copy's end, when the copy ended later).
+    """
+
+    name = "offload"
+    supports_followup = False
+    FULL_FETCH_LAYERS: int | None = None  # None: every layer is fetched whole
+    COLUMNS = 6  # per layer in the step log: fetch start, fetch end, wait start, spec start, spec end, count
+
+    def __init__(self, overlap: bool = True, graphs: bool = True) -> None:
+        super().__init__(graphs)
+        self.overlap = overlap
+        self.host: PinnedLayers | None = None
+        self.log: StepLog | None = None
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def bind(self, runner: Runner) -> None:
+        super().bind(runner)
+        text = runner.loaded.config.get_text_config()
+        if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()):
+            raise UsageError(f"{self.name}: models with sliding-window or linear-attention layers are not supported")
+        self.layer_modules = [getattr(layer, "self_attn", layer) for layer in decoder_layers(runner.model)]
+        self.hooks = [module.register_forward_pre_hook(self._layer_start_hook(i), with_kwargs=True)
+                      for i, module in enumerate(self.layer_modules)]
+        self.copy_stream, self.spec_stream = side_streams(runner.device)
+        self.cuda = runner.device.type == "cuda"
+
+    def device_bytes_needed(self, batch_size: int, slots: int) -> int:
+        """Device bytes this policy allocates: the two whole-layer ring buffers (K and V)."""
+        return 2 * 2 * batch_size * self.kv_heads * slots * self.head_dim * self.runner.loaded.dtype.itemsize
+
+    def prepare(self, batch_size: int, slots: int) -> None:
+        device = self.runner.device
+        needed = self.device_bytes_needed(batch_size, slots)
+        available = free_memory_bytes(device)
+        if needed > available:
+            raise UsageError(f"{self.name}: its device buffers need {needed / 2**30:.2f} GiB ({batch_size} rows x "
+                             f"{slots} slots) but the {device.type} has {available / 2**30:.2f} GiB free")
+        host = 2 * self.num_layers * batch_size * self.kv_heads * slots * self.head_dim * self.runner.loaded.dtype.itemsize
+        host_free = free_memory_bytes(torch.device("cpu")) + self._pooled_host_bytes()
+        if device.type == "cuda" and host > host_free:
+            raise UsageError(f"{self.name}: the host KV store needs {host / 2**30:.2f} GiB of pinned memory but "
+                             f"{host_free / 2**30:.2f} GiB are available")
+        self._allocate(batch_size, slots)
+
+    @staticmethod
+    def _pooled_host_bytes() -> int:
+        from kvprof_transformers.host_store import _HOST_POOL
+
+        return sum(t.nbytes for buffers in _HOST_POOL.values() for t in buffers)
+
+    def _allocate(self, batch_size: int, slots: int) -> None:
+        if self.host is not None and self.host.shape[:3] == (batch_size, self.kv_heads, slots):
+            return
+        self.host = None
+        self.runner.graph = None
+        dtype, device = self.runner.loaded.dtype, self.runner.device
+        self.host = PinnedLayers(self.num_layers, batch_size, self.kv_heads, slots, self.head_dim, dtype, device)
+        shape = (batch_size, self.kv_heads, slots, self.head_dim)
+        self.ring = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                     for _ in range(2)]
+        self.mask = torch.full((batch_size, 1, 1, slots), float("-inf"), dtype=dtype, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.batch_size, self.slots = batch_size, slots
+        self.log = None
+
+    def _ensure_log(self) -> None:
+        steps = self.runner.state.tokens.shape[1] if hasattr(self.runner, "state") else 1
+        if self.log is None or self.log.rows.shape[0] < steps:
+            self.log = StepLog(steps, 1 + self.COLUMNS * self.num_layers, self.runner.device)
+
+    def new_cache_for_capture(self) -> None:
+        self._ensure_log()
+        self.slot.zero_()
+        self.decoding = True
+
+    # --- per batch ---------------------------------------------------------------------------------
+
+    def new_cache(self, batch: Batch) -> PassThroughCache:
+        self._allocate(batch.size, self.runner.slots)
+        self._ensure_log()
+        self.mask.fill_(float("-inf"))
+        self.host.clear_from(batch.input_ids.shape[1])
+        self.key_valid = None if all(n == 0 for n in batch.pad_lens) else batch.attention_mask
+        self.filled = 0
+        self.decoding = False
+        self.stores: list[tuple[int, Any, Any]] = []  # prefill: (layer, start mark, end mark)
+        return PassThroughCache()
+
+    def attend(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        if self.decoding:
+            return self.attend_decode(layer, query, keys, values, scaling)
+        if self.filled:
+            raise UsageError(f"{self.name}: this policy cannot take a follow-up turn (--question after)")
+        clock = self.runner.clock
+        start = clock.mark()
+        self.host.store_chunk(layer, 0, keys, values)
+        self.stores.append((layer, start, clock.mark()))
+        valid = None if self.key_valid is None else self.key_valid[:, :keys.shape[-2]]
+        return prefill_attention(query, keys, values, scaling, valid, 0)
+
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        valid = batch.attention_mask[:, self.filled:self.filled + tokens]
+        view = self.mask[:, 0, 0, self.filled:self.filled + tokens]
+        view.copy_(torch.where(valid.bool(), 0.0, float("-inf")).to(view.dtype))
+        if self.key_valid is not None or not bool(batch.attention_mask.all()):
+            self.key_valid = batch.attention_mask
+        self.filled += tokens
+
+    def after_prefill(self, batch: Batch, cache: Any) -> None:
+        """Prefill's stores as offload events (the prefill is over: resolving marks costs nothing)."""
+        profiler = self.runner.profiler
+        stores, self.stores = self.stores, []
+        if not profiler.enabled:
+            return
+        clock, detail = self.runner.clock, self.runner.detail
+        spans = [(layer, clock.resolve(s), clock.resolve(e)) for layer, s, e in stores]
+        host_bytes = self.num_layers * batch.slots * self.host.token_bytes
+        common = {"src_medium": Medium.DEVICE.value, "dst_medium": Medium.HOST.value,
+                  "kv_device_bytes": self.device_kv_bytes(), "kv_host_bytes": host_bytes}
+        tokens = batch.slots
+        if detail == "step":
+            profiler.emit_offload(spans[0][1], spans[-1][2], batch_size=batch.size, tokens=tokens * len(spans),
+                                  bytes=len(spans) * tokens * self.host.token_bytes,
+                                  ext={"copy_ns": float(sum(e - s for _, s, e in spans)), "layers": float(len(spans))},
+                                  **common)
+            return
+        for layer, start, end in spans:
+            if detail == "head":
+                self._emit_store_per_request(layer, start, end, None, range(tokens), batch, common)
+            else:
+                profiler.emit_offload(start, end, layer=layer, batch_size=batch.size, tokens=tokens,
+                                      bytes=tokens * self.host.token_bytes,
+                                      ext={"copy_ns": float(end - start)}, **common)
+
+    def _emit_store_per_request(self, layer: int, start: int, end: int, step: int | None, slots: Any,
+                                batch: Batch, common: dict[str, Any]) -> None:
+        slots = list(slots)
+        for row, request in enumerate(batch.requests):
+            pad = batch.pad_lens[row]
+            positions = [slot - pad for slot in slots if slot >= pad]
+            if positions:
+                self.runner.profiler.emit_offload(
+                    start, end, request_id=request.request_id, step=step, layer=layer, batch_size=batch.size,
+                    tokens=len(positions),
+                    bytes=len(positions) * self.host.token_bytes // batch.size, positions=[positions],
+                    ext={"copy_ns": float(end - start)}, **common)
+
+    def start_decode(self, batch: Batch) -> None:
+        self._ensure_log()
+        self.slot.fill_(self.filled)
+        self.prompt_slots = self.filled
+        self.decoding = True
+
+    # --- the decode step (inside the graph) ---------------------------------------------------------
+
+    def _step(self) -> torch.Tensor:
+        return self.runner.state.step
+
+    def _column(self, layer: int, which: int) -> int:
+        return 1 + self.COLUMNS * layer + which
+
+    def fetches_whole(self, layer: int) -> bool:
+        return self.FULL_FETCH_LAYERS is None or layer < self.FULL_FETCH_LAYERS
+
+    def before_decode_step(self) -> None:
+        self.mask.index_fill_(-1, self.slot, 0.0)
+        self.log.stamp(self._step(), 0)
+        self._fetched: dict[int, Any] = {}
+        self._consumed: dict[int, Any] = {}
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.runner.device)
+            self.copy_stream.wait_stream(compute)
+            self.spec_stream.wait_stream(compute)
+        if self.overlap:
+            self._fetch_whole(0)
+
+    def after_decode_step(self) -> None:
+        if self.cuda:
+            compute = torch.cuda.current_stream(self.runner.device)
+            compute.wait_stream(self.copy_stream)
+            compute.wait_stream(self.spec_stream)
+        self.slot += 1
+
+    def _layer_start_hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            if self.decoding:
+                self.layer_start(layer, kwargs)
+        return hook
+
+    def layer_start(self, layer: int, kwargs: dict[str, Any]) -> None:
+        """Decode, layer `layer` starts (its attention input is ready): prefetch the next layer."""
+        if self.overlap and layer + 1 < self.num_layers and self.fetches_whole(layer + 1):
+            self._fetch_whole(layer + 1)
+
+    def _fetch_whole(self, layer: int, now: bool = False) -> None:
+        """Copy the layer's block into its ring buffer on the copy stream, once the buffer's last
+        reader is done; `now`: also not before the compute stream reached this point."""
+        keys, values = self.ring[layer % 2]
+        if now and self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with _on(self.copy_stream):
+            released = self._consumed.get(layer % 2)
+            if released is not None:
+                self.copy_stream.wait_event(released)
+            self.log.stamp(self._step(), self._column(layer, 0))
+            self.host.fetch_into(layer, keys, values)
+            self.log.stamp(self._step(), self._column(layer, 1))
+            self._fetched[layer] = _record(self.copy_stream)
+
+    def _wait_fetched(self, layer: int) -> None:
+        self.log.stamp(self._step(), self._column(layer, 2))
+        done = self._fetched.pop(layer)
+        if done is not None:
+            torch.cuda.current_stream(self.runner.device).wait_event(done)
+
+    def attend_decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+        if layer not in self._fetched:  # no overlap: fetch now (not before), wait at once
+            self._fetch_whole(layer, now=True)
+        self._wait_fetched(layer)
+        ring_keys, ring_values = self.ring[layer % 2]
+        ring_keys.index_copy_(2, self.slot, keys)
+        ring_values.index_copy_(2, self.slot, values)
+        self.host.store_at(layer, self.slot, keys, values)
+        out = decode_attention(query, ring_keys, ring_values, self.mask, scaling)
+        if self.cuda:
+            self._consumed[layer % 2] = _record(torch.cuda.current_stream(self.runner.device))
+        return out
+
+    # --- events (host, for finished steps) ---------------------------------------------------------
+
+    def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
+        row = self.log.row(step)
+        origin = row[0]
+
+        def at(value: int) -> int:
+            ns = start_ns + (value - origin) if self.cuda else value
+            return min(max(ns, start_ns), end_ns)
+
+        held = self.prompt_slots + step  # slots held per row before this step's token
+        self.emit_step(batch, step, row, at, held, start_ns, end_ns)
+
+    def layer_fetch(self, layer: int, row: list[int], at: Any, held: int) -> dict[str, Any]:
+        """One layer's fetch in a finished step: its span, tokens per head, bytes moved, ext."""
+        start, end = at(row[self._column(layer, 0)]), at(row[self._column(layer, 1)])
+        # tokens/bytes: the KV held (what the layer attends over); the DMA moves every slot of
+        # the block (a fixed size, so the graph can hold it): ext copied_bytes.
+        return {"layer": layer, "start": start, "end": end, "tokens": held, "bytes": held * self.host.token_bytes,
+                "ext": {"copy_ns": float(end - start), "copied_bytes": float(self.host.layer_bytes),
+                        "speculated": 0.0},
+                "positions": None}
+
+    def emit_step(self, batch: Batch, step: int, row: list[int], at: Any, held: int, start_ns: int,
+                  end_ns: int) -> None:
+        profiler, detail = self.runner.profiler, self.runner.detail
+        fetches = [self.layer_fetch(layer, row, at, held) for layer in range(self.num_layers)]
+        stalls = []
+        for fetch in fetches:
+            # CUDA: the compute stream waited from its wait's start to the copy's end, if later.
+            # CPU: copies are synchronous, so every copy is on the critical path.
+            waiting = at(row[self._column(fetch["layer"], 2)]) if self.cuda else fetch["start"]
+            if fetch["end"] > waiting:
+                stalls.append((waiting, fetch["end"], fetch))
+        host_bytes = self.num_layers * (self.runner.filled_slots) * self.host.token_bytes
+        common = {"step": step, "batch_size": batch.size, "kv_device_bytes": self.device_kv_bytes(),
+                  "kv_host_bytes": host_bytes}
+        to_device = {"src_medium": Medium.HOST.value, "dst_medium": Medium.DEVICE.value}
+        to_host = {"src_medium": Medium.DEVICE.value, "dst_medium": Medium.HOST.value}
+        if detail == "step":
+            profiler.emit_offload(min(f["start"] for f in fetches), max(f["end"] for f in fetches),
+                                  tokens=sum(f["tokens"] for f in fetches), bytes=sum(f["bytes"] for f in fetches),
+                                  ext={"copy_ns": float(sum(f["end"] - f["start"] for f in fetches)),
+                                       "layers": float(len(fetches))}, **to_device, **common)
+        else:
+            for fetch in fetches:
+                if detail == "head" and fetch["positions"] is not None:
+                    self._emit_rows_per_head(fetch, batch, common, to_device)
+                else:
+                    profiler.emit_offload(fetch["start"], fetch["end"], layer=fetch["layer"], tokens=fetch["tokens"],
+                                          bytes=fetch["bytes"], ext=fetch["ext"], **to_device, **common)
+        slot = self.prompt_slots + step
+        if detail == "head":
+            for layer in range(self.num_layers):
+                fields = {k: v for k, v in common.items() if k not in ("step", "batch_size")}
+                self._emit_store_per_request(layer, start_ns, end_ns, step, [slot], batch, {**fields, **to_host})
+        else:
+            profiler.emit_offload(start_ns, end_ns, tokens=self.num_layers, bytes=self.num_layers * self.host.token_bytes,
+                                  ext={"layers": float(self.num_layers)}, **to_host, **common)
+        if detail == "step":
+            if stalls:
+                first = min(s for s, _, _ in stalls)
+                total = sum(e - s for s, e, _ in stalls)
+                profiler.emit_phase(Phase.KV_TRANSFER.value, first, first + total, step=step, batch_size=batch.size,
+                                    bytes=sum(f["bytes"] for _, _, f in stalls), ext={"spans": float(len(stalls))})
+        else:
+            for start, end, fetch in stalls:
+                profiler.emit_phase(Phase.KV_TRANSFER.value, start, end, step=step, layer=fetch["layer"],
+                                    batch_size=batch.size, bytes=fetch["bytes"])
+
+    def _emit_rows_per_head(self, fetch: dict[str, Any], batch: Batch, common: dict[str, Any],
+                            media: dict[str, str]) -> None:
+        positions = fetch["positions"]  # [batch, kv_heads, n] slots
+        size, heads, count = positions.shape
+        for row, request in enumerate(batch.requests):
+            pad = batch.pad_lens[row]
+            for head in range(heads):
+                self.runner.profiler.emit_offload(
+                    fetch["start"], fetch["end"], request_id=request.request_id, layer=fetch["layer"], kv_head=head,
+                    tokens=count, bytes=fetch["bytes"] // (size * heads),
+                    positions=[[p - pad for p in positions[row, head].tolist()]], ext=fetch["ext"], **media, **common)
+
+    # --- memory ------------------------------------------------------------------------------------
+
+    def device_kv_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.ring)
+
+    def kv_bytes(self, cache: Any) -> KVBytes:
+        """Device: the ring buffers (preallocated). Host: the slots filled, every layer."""
+        return KVBytes(device=self.device_kv_bytes(),
+                       host=self.num_layers * self.runner.filled_slots * self.host.token_bytes)
+
+    def finish_batch(self, batch: Batch, cache: Any) -> None:
+        self.decoding = False
+
+    def close(self) -> None:
+        for hook in getattr(self, "hooks", []):
+            hook.remove()
+        self.hooks = []
+        self.host = None
+        self.ring = []
+        self.runner.graph = None
+        uninstall(self.runner.model, getattr(self, "previous_attention", None))

@@ -98,15 +98,23 @@ class OffloadStrategy(TransformersStrategy):
     options = (
         Option("overlap", True, "prefetch layer i+1 while layer i computes; false: fetch each layer when "
                "it is needed (FlexGen without overlap, the baseline of the InfiniGen paper)"),
+        GRAPHS,
+        Option("engine", "static", "static: pinned host store, graph-captured decode step with its copies; "
+               "eager: transformers' cache and hooks, one synchronised step at a time (the reference)",
+               check=lambda v: None if v in ("static", "eager") else "must be static or eager"),
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
-        from kvprof_transformers.offload import HostOffloadPolicy
+        from kvprof_transformers.offload import HostOffloadPolicy, StaticOffloadPolicy
 
-        return HostOffloadPolicy(overlap=options.get("overlap", True))
+        if options.get("engine", "static") == "eager":
+            return HostOffloadPolicy(overlap=options.get("overlap", True))
+        return StaticOffloadPolicy(overlap=options.get("overlap", True), graphs=options.get("graphs", True))
 
     def policy_metadata(self, policy: CachePolicy) -> dict:
-        return {"overlap": bool(getattr(policy, "overlap", True))}
+        return {"overlap": bool(getattr(policy, "overlap", True)),
+                "engine": "static" if hasattr(policy, "graphs") else "eager",
+                "cuda_graphs": bool(getattr(policy, "graphs", False))}
 
 
 @hookimpl
