@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(figures, indent=2) + "\n")
     from kvprof_transformers.host_store import _TRITON
 
+    from kvprof_infinigen.selection import _KERNELS
+
     figures["triton_errors"] = {k: v for k, v in _TRITON.items() if k.endswith("_error")}
+    figures["fused_selection_error"] = _KERNELS.get("failed")
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print_report(figures)
     print(f"traces and figures.json in {args.out_dir}")
@@ -224,6 +227,28 @@ def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path
             if int(new_count) != n or not torch.equal(new_positions[..., :n], old_positions[..., :n]):
                 mismatches += 1
         result["selection_mismatches_of_20"] = mismatches
+        from kvprof_infinigen.selection import _KERNELS, fused_selection_available, select_fused
+
+        if fused_selection_available(device):
+            mismatches = 0
+            for trial in range(10):
+                generator = torch.Generator(device=device).manual_seed(100 + trial)
+                held, cap = 3000 + 70 * trial, 819
+                query = torch.randn(2, 8, 4, 25, device=device, generator=generator)
+                keys = torch.randn(2, 8, 4096, 25, device=device, generator=generator)
+                scores = torch.einsum("bkgc,bksc->bkgs", query, keys) * 0.3
+                old_positions, old_count = select_tokens(scores[..., :held], 4.0, cap)
+                positions = torch.zeros(2, 8, cap, dtype=torch.long, device=device)
+                count = torch.zeros(1, dtype=torch.long, device=device)
+                select_fused(query, keys, 0.3, 4.0, cap, torch.tensor([held], device=device),
+                             torch.empty(16, 4096, device=device), torch.empty(16, dtype=torch.int32, device=device),
+                             positions, count)
+                n = int(old_count)
+                if int(count) != n or not torch.equal(positions[..., :n], old_positions[..., :n]):
+                    mismatches += 1
+            result["fused_selection_mismatches_of_10"] = mismatches
+        result["fused_selection"] = fused_selection_available(device)
+        result["fused_selection_error"] = _KERNELS.get("failed")
     except Exception as exc:  # noqa: BLE001
         result["parts_error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()

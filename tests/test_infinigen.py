@@ -210,6 +210,35 @@ def test_the_triton_row_gather_in_the_interpreter(tmp_path: Path) -> None:
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+def test_the_fused_selection_kernels_in_the_interpreter() -> None:
+    """select_fused (the GPU's two Triton kernels: scores, then count rule, threshold and
+    compaction), run by Triton's interpreter on the CPU, selects what select_tokens selects."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from kvprof_infinigen import selection as sel\n"
+        "sel._define_selection_kernels()\n"
+        "for trial in range(6):\n"
+        "    g = torch.Generator().manual_seed(trial)\n"
+        "    cap, held, alpha = [50, 7, 300][trial % 3], 200 + 9 * trial, [1.0, 5.0, 1e9][trial % 3]\n"
+        "    q, k = torch.randn(2, 3, 4, 25, generator=g), torch.randn(2, 3, 300, 25, generator=g)\n"
+        "    scores = torch.einsum('bkgc,bksc->bkgs', q, k) * 0.3\n"
+        "    ref, n = sel.select_tokens(scores[..., :held], alpha, cap)\n"
+        "    pos, count = torch.zeros(2, 3, cap, dtype=torch.long), torch.zeros(1, dtype=torch.long)\n"
+        "    sel.select_fused(q, k, 0.3, alpha, cap, torch.tensor([held]), torch.empty(6, 300),\n"
+        "                     torch.empty(6, dtype=torch.int32), pos, count)\n"
+        "    assert int(count) == int(n) > 0, (int(count), int(n))\n"
+        "    assert torch.equal(pos[..., :int(n)], ref[..., :int(n)]), trial\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def tiny4_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A model folder: tiny-llama with 4 layers (layers 2 and 3 are speculated)."""

@@ -41,7 +41,9 @@ from kvprof_infinigen.attention import AttentionAccess
 from kvprof_infinigen.policy import (
     FULL_LAYERS, InfiniGenSettings, calibration_partial_skew, prefill_partial_skew, require_room,
 )
-from kvprof_infinigen.selection import select_within_cap, speculative_scores
+from kvprof_infinigen.selection import (
+    fused_selection_available, select_fused, select_within_cap, speculative_scores,
+)
 from kvprof_infinigen.skewing import Skew
 from kvprof_transformers.host_store import _on, _record, gather_rows
 from kvprof_transformers.offload import StaticOffloadPolicy
@@ -75,6 +77,7 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
                 self.skew, self.skew_data, self.partial_width, range(FULL_LAYERS, self.num_layers))
         self.speculated = list(range(FULL_LAYERS, self.num_layers))
         self.partial_skew: torch.Tensor | None = None
+        self.fused = fused_selection_available(device)  # GPU: scores and selection in two Triton kernels
 
     def cap_for(self, slots: int) -> int:
         settings = self.settings
@@ -112,6 +115,8 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         self.positions = [torch.zeros((batch_size, self.kv_heads, cap), dtype=torch.long, device=device)
                           for _ in range(2)]
         self.counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(2)]
+        self.scratch = torch.zeros((batch_size * self.kv_heads, slots), dtype=torch.float32, device=device)
+        self.row_counts = torch.zeros(batch_size * self.kv_heads, dtype=torch.int32, device=device)
         # Rows of the gathered buffer: the first `count` are the selection, row `cap` the new token.
         row_ids = torch.arange(cap + 1, device=device)
         row_ids[cap] = -1
@@ -191,12 +196,15 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
                 self.spec_stream.wait_event(ready)
             self.log.stamp(step, self._column(target, SPEC_START))
             query = self.access.query(target, hidden, (cos, sin))[:, :, -1]
-            scores = speculative_scores(query, self.partial_skew[target], self.partial_keys[target],
-                                        self.access.scaling(target))
-            scores += self.held_mask
-            positions, count = select_within_cap(scores, self.settings.alpha, self.cap, self.slot)
-            self.positions[parity].copy_(positions)
-            self.counts[parity].copy_(count)
+            if self.fused:
+                self._select_fused(target, query, parity)
+            if not self.fused:
+                scores = speculative_scores(query, self.partial_skew[target], self.partial_keys[target],
+                                            self.access.scaling(target))
+                scores += self.held_mask
+                positions, count = select_within_cap(scores, self.settings.alpha, self.cap, self.slot)
+                self.positions[parity].copy_(positions)
+                self.counts[parity].copy_(count)
             self.log.value(step, self._column(target, COUNT), self.counts[parity])
             if self.positions_log is not None:
                 self.positions_log_device[:, target].index_copy_(0, step, self.positions[parity].unsqueeze(0))
@@ -211,6 +219,20 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
                         self.counts[parity], keys, values)
             self.log.stamp(step, self._column(target, 1))
             self._fetched[target] = _record(self.copy_stream)
+
+    def _select_fused(self, target: int, query: torch.Tensor, parity: int) -> None:
+        """`speculative_scores` + `select_within_cap` as two Triton kernels; a kernel that cannot
+        be built here (first launch: the eager warm-up before capture) turns this off for good."""
+        batch, query_heads, dim = query.shape
+        grouped = query.view(batch, self.kv_heads, query_heads // self.kv_heads, dim)
+        partial_query = torch.einsum("bkgd,kdc->bkgc", grouped, self.partial_skew[target]).contiguous()
+        try:
+            select_fused(partial_query, self.partial_keys[target], self.access.scaling(target), self.settings.alpha,
+                         self.cap, self.slot, self.scratch, self.row_counts, self.positions[parity], self.counts[parity])
+        except Exception:  # noqa: BLE001
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            self.fused = False
 
     def attend_decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       scaling: float) -> torch.Tensor:

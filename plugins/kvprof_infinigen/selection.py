@@ -83,11 +83,148 @@ def select_within_cap(scores: torch.Tensor, alpha: float, cap: int,
     top = per_kv_head.topk(cap, dim=-1, sorted=True).values                  # [batch, kv_heads, cap]
     index = (count - 1).clamp(min=0).view(1, 1, 1).expand(batch, kv_heads, 1)
     threshold = top.gather(-1, index)                                        # the count-th largest
-    keep = (per_kv_head >= threshold) & (count > 0).view(1, 1, 1)
+    above = per_kv_head > threshold
+    ties = per_kv_head == threshold
+    wanted = count.view(1, 1, 1) - above.sum(dim=-1, keepdim=True)           # ties to keep: the earliest
+    keep = (above | (ties & (ties.cumsum(dim=-1) <= wanted))) & (count > 0).view(1, 1, 1)
     order = keep.cumsum(dim=-1)
-    keep &= order <= count.view(1, 1, 1)
     target = torch.where(keep, order - 1, cap)                                # dropped ones: a spare column
     positions = torch.zeros((batch, kv_heads, cap + 1), dtype=torch.long, device=scores.device)
     slot_ids = torch.arange(slots, device=scores.device).expand(batch, kv_heads, slots)
     positions.scatter_(-1, target, slot_ids)
     return positions[..., :cap], count
+
+
+# --- the same on a GPU, fused: two Triton kernels instead of some thirty small ones ----------------
+
+_KERNELS: dict[str, object] = {}
+
+
+def fused_selection_available(device: torch.device) -> bool:
+    """Whether `select_fused` can run on `device` (CUDA with Triton; a kernel that fails to build
+    at its first launch turns it off, see `select_fused`)."""
+    if device.type != "cuda" or _KERNELS.get("failed"):
+        return False
+    if "score" not in _KERNELS:
+        try:
+            _define_selection_kernels()
+        except Exception as exc:  # noqa: BLE001 - no Triton, or it cannot build: the torch path
+            _KERNELS["failed"] = f"{type(exc).__name__}: {exc}"
+            return False
+    return True
+
+
+def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scaling: float, alpha: float, cap: int,
+                 held: torch.Tensor, scratch: torch.Tensor, row_counts: torch.Tensor, positions: torch.Tensor,
+                 count: torch.Tensor) -> None:
+    """`speculative_scores` then `select_within_cap`, in two kernels, into `positions`
+    ``[batch, kv_heads, cap]`` and `count` (1,) (int64, preallocated; graph-safe, no host value).
+
+    partial_query ``[batch, kv_heads, group, partial]`` (the model's dtype, as the eager path
+    rounds it); partial_keys ``[batch, kv_heads, slots, partial]``; slots from `held` on are not
+    scored. Kernel 1, per (batch row, KV head): the scores (accumulated in float32, rounded to the
+    model's dtype as a matmul in that dtype would, then scaled), each query head's maximum, the
+    best relative score over the group per slot (into `scratch` ``[batch*kv_heads, slots]``
+    float32) and the count above -alpha (`row_counts`, int32). Kernel 2, per row: the count rule,
+    then the count-th largest score by bisection on the scores' order-preserving integer keys,
+    then a prefix-sum compaction in slot order (ties at the threshold: the earliest slots).
+    """
+    import triton
+
+    batch, kv_heads, group, width = partial_query.shape
+    slots = partial_keys.shape[2]
+    rows = batch * kv_heads
+    _KERNELS["score"][(rows,)](
+        partial_query, partial_keys, held, scratch, row_counts, slots, float(scaling), float(alpha),
+        GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
+        WIDTH_P=max(16, triton.next_power_of_2(width)), BLOCK=128, num_warps=4)
+    _KERNELS["select"][(rows,)](
+        scratch, row_counts, held, positions, count, rows, slots, cap,
+        ROWS_P=triton.next_power_of_2(rows), BLOCK=1024, num_warps=4)
+
+
+def _define_selection_kernels() -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def score_kernel(pq, pk, held_ptr, scratch, row_counts, slots, scaling, alpha,
+                     GROUP: tl.constexpr, WIDTH: tl.constexpr, GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        held = tl.load(held_ptr)
+        g = tl.arange(0, GROUP_P)
+        c = tl.arange(0, WIDTH_P)
+        q = tl.load(pq + row * GROUP * WIDTH + g[:, None] * WIDTH + c[None, :],
+                    mask=(g[:, None] < GROUP) & (c[None, :] < WIDTH), other=0.0)
+        best = tl.full([GROUP_P], float("-inf"), tl.float32)
+        for start in range(0, slots, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            k = tl.load(pk + (row * slots + s)[:, None] * WIDTH + c[None, :],
+                        mask=(s[:, None] < held) & (c[None, :] < WIDTH), other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")   # [GROUP_P, BLOCK], float32 sums
+            scores = scores.to(pk.dtype.element_ty).to(tl.float32) * scaling
+            scores = tl.where((s[None, :] < held) & (g[:, None] < GROUP), scores, float("-inf"))
+            best = tl.maximum(best, tl.max(scores, axis=1))
+        total = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, slots, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            k = tl.load(pk + (row * slots + s)[:, None] * WIDTH + c[None, :],
+                        mask=(s[:, None] < held) & (c[None, :] < WIDTH), other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            scores = scores.to(pk.dtype.element_ty).to(tl.float32) * scaling
+            relative = tl.where(g[:, None] < GROUP, scores - best[:, None], float("-inf"))
+            per_slot = tl.max(relative, axis=0)
+            per_slot = tl.where(s < held, per_slot, float("-inf"))
+            tl.store(scratch + row * slots + s, per_slot, mask=s < slots)
+            total += (per_slot > -alpha).to(tl.int32)
+        tl.store(row_counts + row, tl.sum(total, axis=0))
+
+    @triton.jit
+    def select_kernel(scratch, row_counts, held_ptr, positions, count_ptr, rows, slots, cap,
+                      ROWS_P: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        r = tl.arange(0, ROWS_P)
+        total = tl.sum(tl.load(row_counts + r, mask=r < rows, other=0).to(tl.int64), axis=0)
+        held = tl.load(held_ptr)
+        count = tl.minimum(total // rows, tl.minimum(held, cap))
+        if row == 0:
+            tl.store(count_ptr, count)
+        # The count-th largest key: the largest T with #(key >= T) >= count (bisection, 32 rounds).
+        low = tl.full([], -2147483648, tl.int64)
+        high = tl.full([], 2147483648, tl.int64)
+        for _ in range(32):
+            mid = low + (high - low) // 2
+            seen = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, slots, BLOCK):
+                s = start + tl.arange(0, BLOCK)
+                bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32,
+                                                                                                   bitcast=True)
+                key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+                seen += ((key >= mid) & (s < slots)).to(tl.int32)
+            enough = tl.sum(seen, axis=0) >= count
+            low = tl.where(enough, mid, low)
+            high = tl.where(enough, high, mid)
+        greater = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, slots, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+            greater += ((key > low) & (s < slots)).to(tl.int32)
+        ties_wanted = count - tl.sum(greater, axis=0)
+        kept = tl.zeros([], tl.int64)
+        ties = tl.zeros([], tl.int64)
+        for start in range(0, slots, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
+            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+            inside = s < slots
+            tie = (key == low) & inside
+            tie_rank = ties + tl.cumsum(tie.to(tl.int64), axis=0)
+            keep = ((key > low) & inside) | (tie & (tie_rank <= ties_wanted))  # count 0: low is the top key
+            rank = kept + tl.cumsum(keep.to(tl.int64), axis=0) - 1
+            tl.store(positions + row * cap + rank, s.to(tl.int64), mask=keep & (rank < cap))
+            kept += tl.sum(keep.to(tl.int64), axis=0)
+            ties += tl.sum(tie.to(tl.int64), axis=0)
+
+    _KERNELS.update(score=score_kernel, select=select_kernel)
