@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                     summary["decode_ms_per_token_median_by_round"] = medians
                 entry["runs"][label] = summary
                 print(f"{config} {label} round {round_index + 1}: {json.dumps(summary)}", flush=True)
+        from kvprof_transformers.host_store import _HOST_HOLDERS, _HOST_POOL
+
+        entry["host_store"] = ("cudaHostRegister" if _HOST_HOLDERS else "torch pinned") if _HOST_POOL else "none"
         entry["ratios"] = ratios(entry["runs"])
         entry["fractions"] = fractions(entry["runs"], max(figures["peak_h2d_GBps"].values()))
         print(f"{config} ratios {json.dumps(entry['ratios'])} fractions {json.dumps(entry['fractions'])}", flush=True)
