@@ -211,7 +211,7 @@ def test_exempt_layers_keep_their_whole_cache(peaky_tiny_llama: ModelSpec, tmp_p
     lengths = (40, 30)
     requests = [Request(f"req-{i}", list(range(300, 300 + n)), max_new_tokens=3, ignore_eos=True)
                 for i, n in enumerate(lengths)]
-    _, trace = run_policy(loaded, h2o_policy(loaded, exempt_layers="0"), requests, tmp_path / "h2o.arrow")
+    _, trace = run_policy(loaded, h2o_policy(loaded, exempt_layers="0", engine="eager"), requests, tmp_path / "h2o.arrow")
     assert {r["layer"] for r in trace.of_kind("evict").to_pylist()} == {1}
     config = loaded.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -228,7 +228,8 @@ def test_detail_levels_shape_the_evict_events(peaky_tiny_llama: ModelSpec, tmp_p
     requests = [Request("req-0", list(range(300, 340)), max_new_tokens=3, ignore_eos=True)]
     counts = {}
     for detail in ("step", "layer", "head"):
-        _, trace = run_policy(loaded, h2o_policy(loaded), requests, tmp_path / f"{detail}.arrow", detail)
+        _, trace = run_policy(loaded, h2o_policy(loaded, engine="eager"), requests, tmp_path / f"{detail}.arrow",
+                              detail)
         events = trace.of_kind("evict").to_pylist()
         counts[detail] = len(events)
         assert sum(e["tokens"] for e in events) == 2 * 2 * (40 - 8 + 2)  # layers x heads x (prefill + 2 steps)
@@ -254,8 +255,10 @@ def test_sliding_window_models_attend_as_with_the_full_cache(tmp_path: Path) -> 
     requests = [Request(f"req-{i}", [rng.randrange(256, 49152) for _ in range(24)], max_new_tokens=6,
                         ignore_eos=True) for i in range(2)]
     full, _ = run_policy(loaded, CachePolicy(), requests, tmp_path / "full.arrow")
-    h2o, trace = run_policy(loaded, h2o_policy(loaded, heavy_tokens="21", recent_tokens="8"), requests,
-                            tmp_path / "h2o.arrow")
+    with pytest.raises(UsageError, match="engine=eager"):
+        h2o_policy(loaded, heavy_tokens="21", recent_tokens="8")
+    h2o, trace = run_policy(loaded, h2o_policy(loaded, heavy_tokens="21", recent_tokens="8", engine="eager"),
+                            requests, tmp_path / "h2o.arrow")
     assert trace.of_kind("evict").num_rows == 0
     assert h2o == full
 
@@ -305,8 +308,9 @@ def test_a_model_whose_attention_cannot_be_hooked_is_a_usage_error() -> None:
     spec = ModelSpec("tiny-bloom", "alias", None, {"model_type": "bloom", "hidden_size": 32, "n_layer": 1,
                                                     "n_head": 2, "vocab_size": 49152}, "random", tokenizer)
     loaded = load_model(spec, "cpu", "float32", attn_implementation="eager")  # it has no sdpa either
-    with pytest.raises(UsageError, match="AttentionInterface"):
-        h2o_policy(loaded)
+    for engine in ("static", "eager"):
+        with pytest.raises(UsageError, match="AttentionInterface"):
+            h2o_policy(loaded, engine=engine)
 
 
 # --- the embedded model (SmolLM2, real weights) ----------------------------------------------

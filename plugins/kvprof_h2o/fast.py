@@ -321,6 +321,8 @@ class FastH2OPolicy(StaticPolicy):
             if detail == "step":
                 every = [heads for _, heads in heads_by_layer]
                 tokens = sum(len(h) for heads in every for h in heads)
+                if tokens == 0:  # a step that evicted nothing (the cache not yet full)
+                    continue
                 profiler.emit_evict(start, end, tokens=tokens, bytes=tokens * entry,
                                     positions=self._all_layers(heads_by_layer),
                                     ext=ext | {"layers": float(self.num_layers), "kv_heads": float(self.kv_heads)},
@@ -329,10 +331,14 @@ class FastH2OPolicy(StaticPolicy):
             for layer, heads in heads_by_layer:
                 if detail == "head":
                     for kv_head, head in enumerate(heads):
+                        if not head:
+                            continue
                         profiler.emit_evict(start, end, layer=layer, kv_head=kv_head, tokens=len(head),
                                             bytes=len(head) * entry, positions=[head], ext=ext, **common)
                 else:
                     tokens = sum(len(h) for h in heads)
+                    if tokens == 0:
+                        continue
                     profiler.emit_evict(start, end, layer=layer, tokens=tokens, bytes=tokens * entry,
                                         positions=heads, ext=ext, **common)
 
@@ -345,6 +351,10 @@ class FastH2OPolicy(StaticPolicy):
 
 def check_supported(model: Any) -> None:
     """The fast path attends by slot with one mask per row; sliding windows need the eager path."""
+    from kvprof_transformers.static_cache import require_attention_interface, uninstall
+
+    previous = require_attention_interface(model)
+    uninstall(model, previous)
     text = model.config.get_text_config()
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
         raise UsageError("h2o: the fast engine does not implement sliding-window attention; "

@@ -131,6 +131,18 @@ class PassThroughCache:
 
 def install(model: Any, policy: Any) -> str:
     """Route `model`'s attention to `policy.attend`; returns the implementation it had."""
+    previous = require_attention_interface(model)
+    for module in attention_modules(model):
+        setattr(module, POLICY_ATTRIBUTE, policy)
+    return previous
+
+
+def require_attention_interface(model: Any) -> str:
+    """Switch `model` to kvprof's attention; returns the implementation it had.
+
+    Raises UsageError for a model whose attention does not go through transformers'
+    AttentionInterface (transformers then keeps its own implementation and only warns).
+    """
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, kvprof_attention)
@@ -141,9 +153,7 @@ def install(model: Any, policy: Any) -> str:
         raise UsageError(f"cannot install kvprof's attention in {type(model).__name__}: {exc}") from None
     if model.config._attn_implementation != ATTENTION_NAME:
         raise UsageError(f"{type(model).__name__} does not compute attention through transformers' "
-                         "AttentionInterface; run it with --opt engine=legacy")
-    for module in attention_modules(model):
-        setattr(module, POLICY_ATTRIBUTE, policy)
+                         "AttentionInterface; run it with --opt engine=eager")
     return previous
 
 
@@ -173,7 +183,7 @@ def kvprof_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     for unsupported in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise UsageError(f"this model's attention uses {unsupported!r}, which kvprof's static engine does not "
-                             "implement; run it with --opt engine=legacy")
+                             "implement; run it with --opt engine=eager")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return policy.attend(module.layer_idx, query, key, value, scaling), None
