@@ -32,6 +32,35 @@ from kvprof.trace import read_trace  # noqa: E402
 from kvprof_transformers.loading import load_model  # noqa: E402
 
 
+def time_prefill_mass(device: str, batch: int, prompt_len: int, repeats: int = 3) -> dict[str, Any]:
+    """One layer's prefill mass at Llama-3-8B's shapes: the torch pass against the Triton kernels
+    (CUDA events, medians), and their largest difference relative to the largest mass."""
+    from kvprof_h2o import fast
+    from kvprof_h2o.mass_kernel import triton_mass
+
+    if device != "cuda":
+        return {}
+    g = torch.Generator(device).manual_seed(0)
+    query = torch.randn(batch, 32, prompt_len, 128, device=device, dtype=torch.bfloat16, generator=g)
+    keys = torch.randn(batch, 8, prompt_len, 128, device=device, dtype=torch.bfloat16, generator=g)
+    positions = torch.arange(prompt_len, device=device).repeat(batch, 1)
+    out: dict[str, Any] = {"batch_size": batch, "prompt_len": prompt_len}
+    results = {}
+    for name, fn in (("torch_ms", lambda: fast.torch_prefill_mass(query, keys, positions, 0.088)),
+                     ("triton_ms", lambda: triton_mass(query, keys, positions, 0.088))):
+        times = []
+        for _ in range(repeats + 1):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            results[name] = fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        out[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
+    out["max_rel_diff"] = float((results["torch_ms"] - results["triton_ms"]).abs().max() / results["torch_ms"].max())
+    return out
+
+
 def evictions(path: Path) -> dict[tuple, list[list[int]]]:
     events = read_trace(path).of_kind("evict").to_pylist()
     return {(e["request_id"], e["step"], e["layer"]): [sorted(h) for h in e["positions"]] for e in events}
@@ -84,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                                "load_s": round(time.perf_counter() - started, 1)}
     figures["check"] = check_equal_evictions(loaded, spec, registry, check_len, args.out_dir)
     print(json.dumps(figures["check"]), flush=True)
+    figures["prefill_mass"] = [time_prefill_mass(device, batch, prompt_len) for batch in (1, 16)]
+    print(json.dumps(figures["prefill_mass"]), flush=True)
     rows = figures["runs"] = []
     for batch in map(int, args.batches.split(",")):
         plan = [("full", {}, "layer"), ("h2o", {}, "layer"), ("h2o", {}, "step")]

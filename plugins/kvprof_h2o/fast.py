@@ -29,6 +29,7 @@ Exempt layers keep their whole cache in a full-size buffer and attend like `full
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -40,19 +41,34 @@ from kvprof_transformers.static_cache import decode_attention, prefill_attention
 
 from kvprof_h2o import attention
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
+from kvprof_h2o.mass_kernel import triton_mass
 
+_TRITON_MASS = {"usable": True}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
-def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float,
-                 block_elements: int = MASS_LOGITS_PER_BLOCK) -> torch.Tensor:
+def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention each key of a prompt receives, summed over the real queries and the query heads
-    of its KV head: (B, Hkv, L) float32. Same arithmetic as `attention.attend` (logits in the
-    model's dtype, float32 softmax), but only keys at or before a block's last query are visited.
+    of its KV head: (B, Hkv, L) float32. On CUDA the two Triton kernels of `mass_kernel`; else
+    (or if they cannot be built) `torch_prefill_mass`.
 
     query (B, Hq, L, D); keys (B, Hkv, L, D) at slots = prompt indices; query_positions (B, L),
     -1 for padding (a padding key receives nothing and a padding query gives nothing).
     """
+    if query.is_cuda and _TRITON_MASS["usable"]:
+        try:
+            return triton_mass(query, keys, query_positions, scaling)
+        except Exception as exc:  # noqa: BLE001 - no Triton or no compiler here: the torch pass
+            _TRITON_MASS["usable"] = False
+            warnings.warn(f"h2o: the Triton prefill mass kernels failed ({exc!r}); using the torch pass",
+                          stacklevel=2)
+    return torch_prefill_mass(query, keys, query_positions, scaling)
+
+
+def torch_prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float,
+                       block_elements: int = MASS_LOGITS_PER_BLOCK) -> torch.Tensor:
+    """`prefill_mass` in torch: same arithmetic as `attention.attend` (logits in the model's
+    dtype, float32 softmax), over blocks of queries that visit only the keys they can see."""
     batch, q_heads, length, dim = query.shape
     kv_heads = keys.shape[1]
     group = q_heads // kv_heads
