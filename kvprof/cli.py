@@ -1,4 +1,4 @@
-"""The `kvprof` command: trace | sweep | analyze | compare | export | plugins | validate.
+"""The `kvprof` command: trace | sweep | analyze | compare | export | plugins | models | validate.
 
 A user's mistake is one line on stderr and exit status 2, never a traceback. A plugin that
 crashes is reported with its name; the trace it wrote so far stays readable.
@@ -7,13 +7,15 @@ crashes is reported with its name; the trace it wrote so far stays readable.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+from kvprof import __version__
 from kvprof.models import EMBEDDED, WEIGHTS
 from kvprof.profiler import Registry, SinkError, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
@@ -21,6 +23,9 @@ from kvprof.strategy import UsageError
 from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
 
 DETAILS = ("step", "layer", "head")
+WORKLOAD_HELP = ("synthetic: random tokens of the exact prompt length; passkey: a number hidden at --depth; "
+                 "facts: --num-facts facts at the start, then a question (retention)")
+DTYPE_HELP = "model dtype: bfloat16, float16 or float32; auto: bfloat16 on CUDA, float32 on CPU"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,16 +41,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each flag's default, unless there is none to show or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings
+        if shown and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvprof", description="Profile LLM KV-cache management strategies.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="kvprof", description="Profile LLM KV-cache management strategies.",
+                                     formatter_class=DefaultsFormatter)
+    parser.add_argument("--version", action="version", version=f"kvprof {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_trace(commands)
     _add_plugins(commands)
+    _add_models(commands)
     _add_validate(commands)
     _add_sweep(commands)
     from kvprof.analysis.commands import add_commands  # analyze, compare, export
 
     add_commands(commands)
+    for subparser in commands.choices.values():
+        subparser.formatter_class = DefaultsFormatter
     return parser
 
 
@@ -58,28 +79,53 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--model", "-m", default=EMBEDDED, help="alias, local folder or Hugging Face id")
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="random: build the architecture with random weights (timing and memory only)")
-    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
+    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS, help=WORKLOAD_HELP)
     defaults = WorkloadParams()
     p.add_argument("--prompt-len", type=int, default=defaults.prompt_len, help="prompt (context) length in tokens")
     p.add_argument("--output-len", type=int, default=defaults.output_len, help="tokens to generate per request")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--num-prompts", type=int, default=None, help="requests (default: the batch size)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="requests run together")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests; more than the batch size run as successive batches (default: the batch size)")
     p.add_argument("--depth", type=float, default=defaults.depth, help="passkey depth in [0, 1]")
-    p.add_argument("--num-facts", type=int, default=defaults.num_facts)
+    p.add_argument("--num-facts", type=int, default=defaults.num_facts, help="facts workload: facts in the context")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (serving engines)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--output", "-o", default=None, help="trace path (default traces/<time>-<plugin>-<model>.arrow)")
     p.add_argument("--detail", choices=DETAILS, default="layer", help="granularity of evict/offload events")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", action="store_true", help="live progress display")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and of random weights")
+    _add_display(p)
     p.add_argument("--warmup-runs", type=int, default=None,
                    help="untraced runs of the first batch before the traced run (default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--flush-s", type=float, default=1.0,
                    help="write a record batch at least this often (a killed run loses at most this much)")
     p.add_argument("--no-sinks", action="store_true", help="attach no sinks (overhead baselines); writes no trace")
     p.set_defaults(handler=cmd_trace)
+
+
+def _add_display(p: argparse.ArgumentParser) -> None:
+    display = p.add_mutually_exclusive_group()
+    display.add_argument("--quiet", "-q", action="store_true",
+                        help="no live display (it is on by default when stderr is a terminal)")
+    display.add_argument("--progress", action="store_true", help="live display even when stderr is not a terminal")
+
+
+def live_display_wanted(args: argparse.Namespace) -> bool:
+    """On a terminal unless --quiet; elsewhere (pipes, CI logs) only with --progress."""
+    return args.progress or (not args.quiet and sys.stderr.isatty())
+
+
+@contextlib.contextmanager
+def live_display(args: argparse.Namespace) -> Iterator[Any]:
+    """The live display for the command, or None when it is not wanted."""
+    if not live_display_wanted(args):
+        yield None
+        return
+    from kvprof.display import LiveDisplay
+
+    with LiveDisplay() as display:
+        yield display
 
 
 def parse_key_values(pairs: list[str]) -> dict[str, str]:
@@ -108,10 +154,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     settings = TraceSettings(
         plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
         options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
-        seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks, progress=args.progress,
+        seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks,
         flush_s=args.flush_s, warmup_runs=args.warmup_runs,
     )
-    outcome = run_trace(settings)
+    with live_display(args) as display:
+        settings.display = display
+        outcome = run_trace(settings)
     error = outcome.error
     if error is not None:
         where = f" (the events so far are in {trace_path})" if trace_path else ""
@@ -143,25 +191,31 @@ def _float_list(text: str) -> list[float]:
 def _add_sweep(commands: Any) -> None:
     p = commands.add_parser("sweep", help="run a grid of traces and draw the study's figures")
     p.add_argument("--plugin", "-p", action="append", required=True, help="strategy (repeatable)")
-    p.add_argument("--model", "-m", default=EMBEDDED)
-    p.add_argument("--weights", choices=WEIGHTS, default="auto")
-    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS)
+    p.add_argument("--model", "-m", default=EMBEDDED, help="alias, local folder or Hugging Face id")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto",
+                   help="random: build the architecture with random weights (timing and memory only)")
+    p.add_argument("--workload", "-w", default="synthetic", choices=WORKLOADS, help=WORKLOAD_HELP)
     defaults = WorkloadParams()
-    p.add_argument("--prompt-len", type=_int_list, default=[defaults.prompt_len], help="comma-separated values")
-    p.add_argument("--batch-size", type=_int_list, default=[defaults.batch_size], help="comma-separated values")
-    p.add_argument("--output-len", type=_int_list, default=[defaults.output_len], help="comma-separated values")
-    p.add_argument("--rate", type=_float_list, default=None, help="comma-separated request rates")
-    p.add_argument("--depth", type=float, default=defaults.depth)
+    p.add_argument("--prompt-len", type=_int_list, default=str(defaults.prompt_len),
+                   help="prompt lengths in tokens, comma-separated")
+    p.add_argument("--batch-size", type=_int_list, default=str(defaults.batch_size),
+                   help="batch sizes, comma-separated (each point runs one batch)")
+    p.add_argument("--output-len", type=_int_list, default=str(defaults.output_len),
+                   help="output lengths in tokens, comma-separated")
+    p.add_argument("--rate", type=_float_list, default=None, help="request rates (requests/s), comma-separated")
+    p.add_argument("--depth", type=float, default=defaults.depth, help="passkey depth in [0, 1]")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed strategy option, for the plugins that take it (repeatable)")
     p.add_argument("--opt-grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="swept strategy option, for the plugins that take it (repeatable)")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="runs per point (figures take their median)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and of random weights")
     p.add_argument("--output", "-o", required=True, help="folder for the traces and figures/")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="run the points, draw no figures")
+    p.add_argument("--dry-run", action="store_true", help="list the points and which are already traced; run nothing")
+    _add_display(p)
     p.set_defaults(handler=cmd_sweep)
 
 
@@ -182,19 +236,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = TraceSettings(plugin=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
                              dtype=args.dtype, seed=args.seed)
     folder = Path(args.output)
-    traces = sweep.run_sweep(points, folder, args.workload, settings, args.repeats)
+    if args.dry_run:
+        print_plan(points, folder, args.repeats)
+        return 0
+    with live_display(args) as display:
+        settings.display = display
+        traces = sweep.run_sweep(points, folder, args.workload, settings, args.repeats)
     if not args.no_plots:
         figures = sweep.draw(traces, folder / "figures")
         print(f"sweep: {len(traces)} traces, {len(figures)} figures in {folder / 'figures'}")
     return 0
 
 
+def print_plan(points: list[Any], folder: Path, repeats: int) -> None:
+    """`kvprof sweep --dry-run`: every run the sweep would make, and which are traced already."""
+    from kvprof import sweep
+
+    runs = sweep.planned_runs(points, folder, repeats)
+    todo = 0
+    for point, path in runs:
+        done = path.exists()
+        todo += not done
+        options = " ".join(f"{key}={value}" for key, value in point.options)
+        params = point.params
+        rate = f" rate={params.rate:g}" if params.rate is not None else ""
+        print(f"{'exists ' if done else 'to run '} {point.plugin} {options + ' ' if options else ''}"
+              f"prompt={params.prompt_len} batch={params.batch_size} output={params.output_len}{rate}  {path}")
+    print(f"sweep --dry-run: {len(runs)} runs ({len(points)} points x {repeats} repeats), "
+          f"{todo} to run, {len(runs) - todo} traced already in {folder}")
+
+
 # --- plugins ------------------------------------------------------------------------------
 
 
 def _add_plugins(commands: Any) -> None:
-    p = commands.add_parser("plugins", help="list installed plugins, their hooks and strategies")
-    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("plugins", help="list installed plugins, their strategies and the strategies' options")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
     p.set_defaults(handler=cmd_plugins)
 
 
@@ -204,14 +281,23 @@ def describe_plugins() -> list[dict[str, Any]]:
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         distribution, version = pm.kvprof_versions.get(name, (name, "?"))
+        strategies = sorted(s for s, p in registry.strategy_plugins.items() if p == name)
         rows.append({
             "name": name, "distribution": distribution, "version": version,
             "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-            "strategies": sorted(s for s, p in registry.strategy_plugins.items() if p == name),
+            "strategies": strategies,
+            "strategy_details": [describe_strategy(registry.strategies[s]) for s in strategies],
         })
     for failure in pm.kvprof_failures:
         rows.append({"name": failure.name, "distribution": failure.distribution, "error": failure.error})
     return rows
+
+
+def describe_strategy(strategy: type) -> dict[str, Any]:
+    """A strategy's name, description and options (name, type, default, help)."""
+    return {"name": strategy.name, "description": strategy.description,
+            "options": [{"name": option.name, "type": (option.kind or type(option.default)).__name__,
+                         "default": option.default, "help": option.help} for option in strategy.options]}
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -234,6 +320,57 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for row in rows[len(loaded):]:  # failures come last; one line each, the error in full
         source = f" ({row['distribution']})" if row["distribution"] else ""
         console.print(f"[red]failed[/] {row['name']}{source}: {row['error']}", highlight=False)
+    for row in loaded:
+        for strategy in row["strategy_details"]:
+            console.print(_options_table(strategy, row["name"]))
+    console.print("Set an option with `kvprof trace --plugin STRATEGY --opt NAME=VALUE`.", style="dim")
+    return 0
+
+
+def _options_table(strategy: dict[str, Any], plugin: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"strategy {strategy['name']} ({plugin}): {strategy['description']}",
+                  title_justify="left", expand=False)
+    for column in ("option", "type", "default", "help"):
+        table.add_column(column, overflow="fold")
+    for option in strategy["options"]:
+        table.add_row(option["name"], option["type"], repr(option["default"]), option["help"])
+    if not strategy["options"]:
+        table.add_row("-", "", "", "no options")
+    return table
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def _add_models(commands: Any) -> None:
+    p = commands.add_parser("models", help="list model aliases, the embedded model and models in the local cache")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(handler=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kvprof.models import describe_models
+
+    rows = describe_models(Registry.collect(get_plugin_manager()).models)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kvprof models (--model NAME)")
+    for column in ("name", "source", "architecture", "layers", "heads / KV heads", "context", "local weights"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        heads = f"{row['attention_heads']} / {row['kv_heads']}" if row["attention_heads"] else "-"
+        table.add_row(row["name"], row["source"], row["architecture"] or "-", str(row["layers"] or "-"), heads,
+                      str(row["max_context"] or "-"), row["local_weights"])
+    console = Console()
+    console.print(table)
+    console.print("Any local checkpoint folder works too (--model PATH); without local weights an alias runs "
+                  "with --weights random (timings and memory faithful, accuracy not).", style="dim")
     return 0
 
 
@@ -242,7 +379,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def _add_validate(commands: Any) -> None:
     p = commands.add_parser("validate", help="check traces against the published schema")
-    p.add_argument("traces", nargs="+")
+    p.add_argument("traces", nargs="+", metavar="TRACE", help="kvprof trace files")
     p.set_defaults(handler=cmd_validate)
 
 

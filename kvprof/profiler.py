@@ -176,7 +176,6 @@ class RunInfo:
     trace_path: str | None = None
     sinks_enabled: bool = True
     flush_s: float = 1.0          # the trace writer's longest wait between record batches
-    progress: bool = False
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     plugin_version: str | None = None
@@ -253,6 +252,15 @@ class Profiler:
                 name = f"{self.pm.get_name(impl.plugin)}:{type(sink).__name__}"
                 self.pm.register(sink, name=name if self.pm.get_plugin(name) is None else f"{name}#{index}")
                 self._sinks.append(sink)
+
+    def status(self, message: str) -> None:
+        """Tell whoever watches what the strategy is doing now (`kvprof_status`); not traced.
+
+        Call it before slow steps that emit no events: loading the model, warm-up runs,
+        allocating caches, capturing graphs. Cheap when nothing listens.
+        """
+        if self.enabled:
+            self.pm.hook.kvprof_status(run=self.run, message=message)
 
     def end(self, error: BaseException | None = None) -> None:
         """Fire run_end and detach the sinks; a run that failed before start() still gets

@@ -31,7 +31,7 @@ class TraceSettings:
     seed: int = 0
     trace_path: Path | None = None
     sinks_enabled: bool = True
-    progress: bool = False
+    display: Any = None               # a plugin object watching the run (kvprof.display.LiveDisplay)
     flush_s: float = 1.0
     warmup_runs: int | None = None    # None: 1 on CUDA (clocks, lazy kernel loading), 0 on CPU
 
@@ -76,7 +76,7 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
         workload={"name": settings.workload.name, "params": vars(params)}, options=options, device=device,
         detail=settings.detail, seed=settings.seed,
         trace_path=str(settings.trace_path) if settings.trace_path else None,
-        sinks_enabled=settings.sinks_enabled, progress=settings.progress, flush_s=settings.flush_s,
+        sinks_enabled=settings.sinks_enabled, flush_s=settings.flush_s,
         plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
     )
     seed_everything(settings.seed)
@@ -85,12 +85,20 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
                          device=device, dtype=settings.dtype, detail=settings.detail, seed=settings.seed,
                          warmup_runs=_warmup_runs(settings.warmup_runs, device))
     outcome = RunOutcome(run, profiler, plugin)
+    watching = settings.display is not None and settings.sinks_enabled
+    if watching:
+        pm.register(settings.display, name="kvprof:display")
     try:
+        profiler.status(f"loading {model.name} ({model.weights} weights) on {device}")
         strategy_cls().run(context)
     except BaseException as exc:  # a plugin crash: recorded, and the trace stays readable
         outcome.error = exc
     finally:
-        profiler.end(outcome.error)
+        try:
+            profiler.end(outcome.error)
+        finally:
+            if watching:
+                pm.unregister(settings.display)
     if isinstance(outcome.error, KeyboardInterrupt):
         raise outcome.error
     return outcome

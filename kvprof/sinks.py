@@ -1,7 +1,6 @@
 """The built-in sinks, attached per run through `kvprof_make_sinks` like any plugin's.
 
 * ArrowTraceWriter (kvprof.trace.writer): the trace, whenever the run has a trace path.
-* ProgressDisplay: a rich live line for long runs (steps, tokens/s, KV bytes), on request.
 * NvmlSampler: device memory used and PCIe throughput from NVML, on CUDA devices.
 * NvtxMarks: NVTX marks for Nsight Systems, on CUDA devices.
 """
@@ -23,64 +22,12 @@ def kvprof_make_sinks(run: RunInfo, profiler: Profiler) -> list[Any]:
     sinks: list[Any] = []
     if run.trace_path:
         sinks.append(ArrowTraceWriter(run.trace_path, run.to_dict(), flush_s=run.flush_s))
-    if run.progress:
-        sinks.append(ProgressDisplay())
     if run.device.startswith("cuda"):
         sampler = NvmlSampler.open(run.device, profiler)
         if sampler is not None:
             sinks.append(sampler)
         sinks.append(NvtxMarks())
     return sinks
-
-
-class ProgressDisplay:
-    """A one-line live status on stderr, refreshed by rich's own thread (4 Hz)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        self.steps = 0
-        self.tokens = 0
-        self.requests_done = 0
-        self.kv_device_bytes = 0
-        self.kv_host_bytes = 0
-        self._first_ns: int | None = None
-        self._last_ns = 0
-        self._live = Live(get_renderable=self._render, console=Console(stderr=True), refresh_per_second=4)
-
-    def _render(self) -> str:
-        seconds = (self._last_ns - (self._first_ns or self._last_ns)) / 1e9
-        rate = self.tokens / seconds if seconds > 0 else 0.0
-        return (
-            f"[bold]kvprof[/] step {self.steps}  {self.tokens} tokens  {rate:.1f} tok/s  "
-            f"done {self.requests_done}  KV device {self.kv_device_bytes / 2**20:.1f} MiB  "
-            f"host {self.kv_host_bytes / 2**20:.1f} MiB"
-        )
-
-    @hookimpl
-    def kvprof_run_start(self) -> None:
-        self._live.start()
-
-    @hookimpl
-    def kvprof_decode_step(self, event: Event) -> None:
-        if self._first_ns is None:
-            self._first_ns = event.start_ns
-        self._last_ns = event.end_ns
-        self.steps += 1
-        self.tokens += event.tokens or 0
-        if event.kv_device_bytes is not None:
-            self.kv_device_bytes = event.kv_device_bytes
-        if event.kv_host_bytes is not None:
-            self.kv_host_bytes = event.kv_host_bytes
-
-    @hookimpl
-    def kvprof_request_end(self) -> None:
-        self.requests_done += 1
-
-    @hookimpl
-    def kvprof_run_end(self) -> None:
-        self._live.stop()
 
 
 class NvmlSampler:

@@ -66,29 +66,42 @@ def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
     return points
 
 
+def planned_runs(points: list[SweepPoint], folder: Path, repeats: int = 1) -> list[tuple[SweepPoint, Path]]:
+    """Every run of the sweep with its trace path, in the order they run."""
+    runs = []
+    for point in points:
+        name = point.file_name()
+        for repeat in range(repeats):
+            runs.append((point, folder / (name if repeats == 1 else name.replace(".arrow", f"-{repeat}.arrow"))))
+    return runs
+
+
 def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settings: TraceSettings,
               repeats: int = 1) -> list[Path]:
-    """Run every point not traced yet; returns the traces of all points (with their repeats)."""
+    """Run every point not traced yet; returns the traces of all points (with their repeats).
+    `base_settings.display` (a LiveDisplay), when set, gets a line per run and a sweep bar."""
     folder.mkdir(parents=True, exist_ok=True)
+    runs = planned_runs(points, folder, repeats)
+    display = base_settings.display
+    report = display.sweep_point_done if display is not None else print
+    if display is not None:
+        display.start_sweep(len(runs))
     traces = []
-    for point in points:
-        for repeat in range(repeats):
-            name = point.file_name()
-            path = folder / (name if repeats == 1 else name.replace(".arrow", f"-{repeat}.arrow"))
-            traces.append(path)
-            if path.exists():
-                print(f"sweep: {path.name} exists, skipped")
-                continue
-            settings = replace(base_settings, plugin=point.plugin, options=dict(point.options),
-                               workload=WorkloadSpec(workload, point.params), trace_path=path)
-            outcome = run_trace(settings)
-            if outcome.error is not None:
-                kept = path.rename(path.with_suffix(".failed.arrow"))
-                raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
-                                 f"{outcome.error} (trace kept as {kept.name})")
-            print(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
-            del outcome
-            release_memory()
+    for point, path in runs:
+        traces.append(path)
+        if path.exists():
+            report(f"sweep: {path.name} exists, skipped")
+            continue
+        settings = replace(base_settings, plugin=point.plugin, options=dict(point.options),
+                           workload=WorkloadSpec(workload, point.params), trace_path=path)
+        outcome = run_trace(settings)
+        if outcome.error is not None:
+            kept = path.rename(path.with_suffix(".failed.arrow"))
+            raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
+                             f"{outcome.error} (trace kept as {kept.name})")
+        report(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
+        del outcome
+        release_memory()
     return traces
 
 

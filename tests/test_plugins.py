@@ -123,10 +123,13 @@ def test_kvprof_plugins_lists_name_version_hooks_and_strategies(installed: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     assert main(["plugins", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    details = rows["streamingllm"].pop("strategy_details")
     assert rows["streamingllm"] == {
         "name": "streamingllm", "distribution": "kvprof-streamingllm", "version": "0.1.0",
         "hooks": ["kvprof_register_strategies"], "strategies": ["streamingllm"],
     }
+    assert [detail["name"] for detail in details] == ["streamingllm"]
+    assert {option["name"] for option in details[0]["options"]} >= {"sink_tokens"}
     assert rows["good"]["version"] == "0.3" and rows["good"]["strategies"] == ["noop"]
     assert rows["import_error"] == {
         "name": "import_error", "distribution": "kvprof-fakes",

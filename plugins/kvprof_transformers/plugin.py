@@ -57,7 +57,8 @@ class TransformersStrategy(Strategy):
             warmup_runs=ctx.warmup_runs, **self.policy_metadata(policy),
         )
         batch_size = ctx.workload.params.batch_size
-        for _ in range(ctx.warmup_runs):  # excluded from the trace: a profiler that listens to nothing
+        for number in range(1, ctx.warmup_runs + 1):  # excluded from the trace: a profiler that listens to nothing
+            ctx.profiler.status(f"warm-up run {number}/{ctx.warmup_runs} (not traced)")
             silent = Profiler(ctx.profiler.pm, run, enabled=False)
             warm_policy = self.make_policy(loaded, ctx.options)
             Runner(loaded, warm_policy, silent, detail=ctx.detail).run(workload.requests[:batch_size], batch_size)

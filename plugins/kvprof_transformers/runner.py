@@ -288,8 +288,11 @@ class Runner:
         outputs: list[list[int]] = []
         try:
             with torch.inference_mode():
+                self.profiler.status(f"allocating the {self.policy.name} cache ({self.slots} slots per request)")
                 self.policy.prepare(min(batch_size, len(requests)), self.slots)
                 if self.is_static:
+                    if self.device.type == "cuda" and self.policy.graphs:
+                        self.profiler.status("capturing the decode step in a CUDA graph")
                     self._capture(min(batch_size, len(requests)), max(r.max_new_tokens for r in requests))
             if on_ready:
                 on_ready()

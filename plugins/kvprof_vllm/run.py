@@ -89,6 +89,7 @@ def run_profiled(ctx: RunContext) -> dict[str, Any]:
     """The `vllm` strategy: start the observed engine, build the workload with vLLM's tokenizer,
     run it, and report through ctx.profiler. Returns vLLM's RequestOutput per request id."""
     check_device(ctx.device)
+    ctx.profiler.status("starting the vLLM engine")
     with observed_engine(ctx.model, ctx.workload, ctx.options, dtype=ctx.dtype, seed=ctx.seed) as observed:
         workload = build_workload(observed.engine, ctx.workload)
         run = ctx.profiler.run
