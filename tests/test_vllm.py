@@ -67,7 +67,7 @@ def first_token_ns(trace: Trace) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def pressure(tmp_path_factory) -> Trace:
     # 4 requests of 64 + 48 tokens need 16 blocks of 32 at the end; 7 are usable.
-    return trace_run(tmp_path_factory.mktemp("vllm") / "pressure.arrow", *SMALL_KV,
+    return trace_run(tmp_path_factory.mktemp("vllm") / "pressure.arrow", *SMALL_KV, "--opt", "attention_backend=cpu_attn",
                      "--opt", "num_gpu_blocks_override=8", "--opt", "max_model_len=128", "--workload", "synthetic", "--prompt-len", "64",
                      "--output-len", "48", "--num-prompts", "4", "--rate", "20")
 
@@ -90,6 +90,10 @@ def test_preemption_is_an_evict_event_with_the_request_and_step(pressure):
     # vLLM's own counts agree: its stat logger and each request's RequestOutput.metrics.
     assert crosscheck(pressure)["vllm_preemptions"] == len(evicts)
     assert sum(row["ext"]["preemptions"] for row in rows(pressure, "request_end")) == len(evicts)
+
+
+def test_the_chosen_attention_backend_is_in_the_trace_header(pressure):
+    assert pressure.run["extra"]["attention_backend"] == "CPU_ATTN"
 
 
 def test_requests_arrive_by_the_poisson_process(pressure):
@@ -321,6 +325,31 @@ def test_model_the_cpu_build_cannot_run_gives_vllms_reason(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("kvprof: error: vLLM 0.32.0 could not run the model: "), last
     assert "head_dim=16" in last
+
+
+def test_unknown_attention_backend_lists_the_known_ones(tmp_path):
+    result = subprocess.run([*KVPROF, "trace", "--plugin", "vllm", "-o", str(tmp_path / "t.arrow"),
+                             "--opt", "attention_backend=no_such_attn"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvprof: error: attention_backend='no_such_attn': vLLM 0.32.0 knows "), last
+    assert "TRITON_ATTN" in last and "CPU_ATTN" in last
+
+
+def test_preemptions_read_from_request_metrics_only_where_vllm_reports_them():
+    # vllm.LLM's default (no stats) leaves RequestOutput.metrics None; 0.26's RequestStateStats has
+    # no num_preemptions. Either way the request_end event goes without vLLM's count.
+    from vllm.outputs import RequestOutput
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    from kvprof_vllm.run import request_preemptions
+
+    def output(metrics: Any) -> RequestOutput:
+        return RequestOutput(request_id="r", prompt=None, prompt_token_ids=[1], prompt_logprobs=None, outputs=[],
+                             finished=True, metrics=metrics)
+
+    assert request_preemptions(output(None)) is None
+    assert request_preemptions(output(RequestStateStats(num_preemptions=2))) == 2
 
 
 def test_offloading_on_the_cpu_build_says_it_needs_a_gpu(tmp_path):

@@ -19,6 +19,11 @@ synchronously. engine.py starts the engine (vLLM options pass through as `--opt`
 requests as they arrive. Only plugin.py is imported when kvprof loads its plugins; everything that
 imports vllm is imported by `run`.
 
+vLLM 0.26 (the CUDA build for torch 2.11) and 0.32 (the CPU build) differ where the plugin reads
+them in two places, each guarded where it is read: RequestStateStats.num_preemptions (0.32 only;
+run.request_preemptions) and which steps reach stat loggers (stats.py). The attention backend is
+chosen with the `attention_backend` option (both ignore VLLM_ATTENTION_BACKEND; engine.py).
+
 Not available: offload events on the CPU build (vLLM's offloading connector needs a GPU), swap
 preemption (vLLM v1 preempts by recompute only), and `vllm serve` (multiprocess) engines.
 """

@@ -82,6 +82,8 @@ def engine_args(model: ModelSpec, folder: str, load_format: str, options: dict[s
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r} for vLLM; choose one of: {', '.join(DTYPES)}")
     passed = {name: options[name] for name in PASS_THROUGH if options.get(name) is not None}
+    if passed.get("attention_backend") is not None:
+        passed["attention_backend"] = attention_backend(passed["attention_backend"])
     if passed.get("kv_offloading_size") is not None:
         if current_platform.is_cpu():
             raise UsageError(
@@ -93,8 +95,24 @@ def engine_args(model: ModelSpec, folder: str, load_format: str, options: dict[s
         passed.setdefault("max_num_seqs", default_max_num_seqs)
     if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         passed.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    # Stats on: vLLM fills RequestOutput.metrics (TTFT, preemptions) and calls the stat logger only
+    # when it logs stats, which `vllm.LLM` turns off by default.
     return EngineArgs(model=folder, tokenizer=model.tokenizer_path, load_format=load_format,
                       dtype=DTYPES[dtype], seed=seed, disable_log_stats=False, **passed, **hooks)
+
+
+def attention_backend(name: str) -> str:
+    """The backend's name as vLLM spells it, or a UsageError listing the names this vLLM knows.
+
+    The `attention_backend` engine argument (0.26 and 0.32 alike) is the way to choose: neither
+    release reads the VLLM_ATTENTION_BACKEND environment variable any more, so setting it changes
+    nothing. vLLM itself turns an unknown name into a bare KeyError."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    known = [backend.name for backend in AttentionBackendEnum]
+    if name.upper() == "AUTO" or name.upper() in known:
+        return name.upper()
+    raise UsageError(f"attention_backend={name!r}: vLLM {vllm_version()} knows {', '.join(known)} (or auto)")
 
 
 def start_engine(args: Any, stat_loggers: list[Any] | None = None) -> Any:

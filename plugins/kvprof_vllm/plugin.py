@@ -28,6 +28,9 @@ VLLM_OPTIONS = (
            kind=float, check=positive),
     Option("kv_offloading_backend", "native", "offloading backend: native or lmcache",
            check=lambda v: None if v in ("native", "lmcache") else "must be native or lmcache"),
+    Option("attention_backend", None, "vLLM's attention backend by name, e.g. TRITON_ATTN or FLASH_ATTN "
+           "(vLLM's AttentionBackendEnum; the CPU build has CPU_ATTN); default: vLLM's choice for the device",
+           kind=str),
     Option("enforce_eager", None, "skip torch.compile and CUDA graphs (vLLM's default: off); much faster "
            "start-up on the CPU build", kind=bool),
 )

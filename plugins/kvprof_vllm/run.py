@@ -123,8 +123,9 @@ def profile_requests(observed: ObservedEngine, profiler: Profiler, requests: lis
         completion = output.outputs[0]
         ext = {"prompt_tokens": float(len(request.prompt_token_ids)),
                "cached_tokens": float(output.num_cached_tokens or 0)}
-        if output.metrics is not None:
-            ext["preemptions"] = float(output.metrics.num_preemptions)
+        preemptions = request_preemptions(output)
+        if preemptions is not None:
+            ext["preemptions"] = float(preemptions)
         profiler.emit_request_end(arrival_ns, observer.last_step_end_ns, request_id=request.request_id,
                                   tokens=len(completion.token_ids), text=completion.text, ext=ext)
 
@@ -138,6 +139,14 @@ def profile_requests(observed: ObservedEngine, profiler: Profiler, requests: lis
     profiler.emit_sample(time.monotonic_ns(), ext={**totals.as_ext(), "kvprof_preemptions": float(observer.preemptions),
                                                    "kvprof_observer_ns": float(observer.cost_ns)})
     return outputs
+
+
+def request_preemptions(output: Any) -> int | None:
+    """vLLM's own count of the request's preemptions, where this vLLM reports one: RequestOutput.metrics
+    is None when the engine logs no stats (kvprof's engines always do; `vllm.LLM` does not by default),
+    and RequestStateStats.num_preemptions exists in 0.32 but not in 0.26. kvprof's own count is in
+    the trace either way (its preempt_recompute evict events)."""
+    return getattr(output.metrics, "num_preemptions", None)
 
 
 def run_plain(model: ModelSpec, workload_spec: WorkloadSpec, options: dict[str, Any], *, dtype: str = "auto",
@@ -168,6 +177,7 @@ def describe_engine(observed: ObservedEngine) -> dict[str, Any]:
         "dtype": str(model.dtype).removeprefix("torch."),
         "max_model_len": model.max_model_len,
         "enforce_eager": model.enforce_eager,
+        "attention_backend": requested_attention_backend(config),
         "block_size": observer.block_size,
         "num_gpu_blocks": observer.num_blocks,
         "kv_block_bytes": observer.block_bytes,
@@ -180,3 +190,10 @@ def describe_engine(observed: ObservedEngine) -> dict[str, Any]:
         "max_num_batched_tokens": scheduler.max_num_batched_tokens,
         "notes": NOTES,
     }
+
+
+def requested_attention_backend(config: Any) -> str:
+    """The attention backend the engine was asked for ("auto": vLLM chose for the device; with
+    VLLM_LOGGING_LEVEL=INFO vLLM logs its choice)."""
+    backend = getattr(getattr(config, "attention_config", None), "backend", None)
+    return backend.name if backend is not None else "auto"

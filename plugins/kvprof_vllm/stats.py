@@ -4,6 +4,11 @@ vLLM calls the logger once per engine step with SchedulerStats (KV usage, prefix
 IterationStats (preemptions, reported when the preempted request next produces output). The run
 records the totals in its last sample event, next to the counts kvprof derived from the scheduler,
 so a trace carries its own consistency check.
+
+Versions differ in which steps reach the logger: 0.32 records every step that has scheduler stats,
+0.26 only the steps that produced request output, so on 0.26 a step that only computed a prompt
+chunk (chunked prefill of a long prompt) drops its prefix-cache counts and `steps` counts fewer
+steps. kvprof's own events are unaffected; read vLLM's totals on 0.26 as lower bounds.
 """
 
 from __future__ import annotations
