@@ -15,6 +15,8 @@ heads. With one query head per KV head this is the paper's rule unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -95,9 +97,10 @@ def select_within_cap(scores: torch.Tensor, alpha: float, cap: int,
     return positions[..., :cap], count
 
 
-# --- the same on a GPU, fused: two Triton kernels instead of some thirty small ones ----------------
+# --- the same on a GPU, fused: three Triton kernels instead of some thirty small ones ----------------
 
-_KERNELS: dict[str, object] = {}
+_KERNELS: dict[str, Any] = {}
+_SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
 def fused_selection_available(device: torch.device) -> bool:
@@ -117,114 +120,55 @@ def fused_selection_available(device: torch.device) -> bool:
 def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scaling: float, alpha: float, cap: int,
                  held: torch.Tensor, scratch: torch.Tensor, row_counts: torch.Tensor, positions: torch.Tensor,
                  count: torch.Tensor) -> None:
-    """`speculative_scores` then `select_within_cap`, in two kernels, into `positions`
+    """`speculative_scores` then `select_within_cap`, in three kernels, into `positions`
     ``[batch, kv_heads, cap]`` and `count` (1,) (int64, preallocated; graph-safe, no host value).
 
     partial_query ``[batch, kv_heads, group, partial]`` (the model's dtype, as the eager path
     rounds it); partial_keys ``[batch, kv_heads, slots, partial]``; slots from `held` on are not
-    scored. Kernel 1, per (batch row, KV head): the scores (accumulated in float32, rounded to the
-    model's dtype as a matmul in that dtype would, then scaled), each query head's maximum, the
-    best relative score over the group per slot (into `scratch` ``[batch*kv_heads, slots]``
-    float32) and the count above -alpha (`row_counts`, int32). Kernel 2, per row: the count rule,
-    then the count-th largest score by bisection on the scores' order-preserving integer keys,
-    then a prefix-sum compaction in slot order (ties at the threshold: the earliest slots).
+    scored. Kernels 1 and 2, per (batch row, KV head, block of 128 slots), so that a row's slots
+    are scored by many programs at once: the scores (accumulated in float32, rounded to the
+    model's dtype as a matmul in that dtype would, then scaled) and each query head's maximum in
+    the block; then, from the blocks' maxima, the best relative score over the group per slot
+    (into `scratch` ``[batch*kv_heads, slots]`` float32) and the count above -alpha, added to
+    `row_counts` (int32). Kernel 3, per row: the count rule, then the count-th largest score by
+    bisection on the scores' order-preserving integer keys (the row held at once up to 8K
+    slots), then a prefix-sum compaction in slot order (ties at the threshold: the earliest slots).
     """
     import triton
 
     batch, kv_heads, group, width = partial_query.shape
     slots = partial_keys.shape[2]
     rows = batch * kv_heads
-    _KERNELS["score"][(rows,)](
-        partial_query, partial_keys, held, scratch, row_counts, slots, float(scaling), float(alpha),
-        GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
-        WIDTH_P=max(16, triton.next_power_of_2(width)), BLOCK=128, num_warps=4)
+    blocks = triton.cdiv(slots, SCORE_BLOCK)
+    shapes = dict(GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
+                  WIDTH_P=max(16, triton.next_power_of_2(width)), BLOCK=SCORE_BLOCK)
+    block_best = _block_best(rows, blocks, shapes["GROUP_P"], partial_keys.device)
+    row_counts.zero_()
+    _KERNELS["block_max"][(rows, blocks)](partial_query, partial_keys, held, block_best, slots, float(scaling),
+                                          BLOCKS=blocks, **shapes, num_warps=4)
+    _KERNELS["score"][(rows, blocks)](partial_query, partial_keys, held, block_best, scratch, row_counts, slots,
+                                      float(scaling), float(alpha), BLOCKS=blocks,
+                                      BLOCKS_P=triton.next_power_of_2(blocks), **shapes, num_warps=4)
+    select_block = min(triton.next_power_of_2(slots), SELECT_BLOCK)
     _KERNELS["select"][(rows,)](
         scratch, row_counts, held, positions, count, rows, slots, cap,
-        ROWS_P=triton.next_power_of_2(rows), BLOCK=1024, num_warps=4)
+        ROWS_P=triton.next_power_of_2(rows), BLOCK=select_block, num_warps=16 if select_block >= 4096 else 4)
+
+
+SCORE_BLOCK = 128     # slots per program of the score kernels: (rows x slots / 128) programs
+SELECT_BLOCK = 8192   # slots the select kernel holds at once: up to 8K slots, one load per bisection round
+
+
+def _block_best(rows: int, blocks: int, group_p: int, device: torch.device) -> torch.Tensor:
+    """Each score block's per-query-head maximum (float32 scratch), allocated once per shape
+    (during the eager warm-up, so a captured graph reuses it)."""
+    key = ("block_best", rows, blocks, group_p, str(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty((rows, blocks, group_p), dtype=torch.float32, device=device)
+    return _SCRATCH[key]
 
 
 def _define_selection_kernels() -> None:
-    import triton
-    import triton.language as tl
+    from kvprof_infinigen import selection_kernels as k  # imports Triton: only when a GPU asks
 
-    @triton.jit
-    def score_kernel(pq, pk, held_ptr, scratch, row_counts, slots, scaling, alpha,
-                     GROUP: tl.constexpr, WIDTH: tl.constexpr, GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        held = tl.load(held_ptr)
-        g = tl.arange(0, GROUP_P)
-        c = tl.arange(0, WIDTH_P)
-        q = tl.load(pq + row * GROUP * WIDTH + g[:, None] * WIDTH + c[None, :],
-                    mask=(g[:, None] < GROUP) & (c[None, :] < WIDTH), other=0.0)
-        best = tl.full([GROUP_P], float("-inf"), tl.float32)
-        for start in range(0, slots, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            k = tl.load(pk + (row * slots + s)[:, None] * WIDTH + c[None, :],
-                        mask=(s[:, None] < held) & (c[None, :] < WIDTH), other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")   # [GROUP_P, BLOCK], float32 sums
-            scores = scores.to(pk.dtype.element_ty).to(tl.float32) * scaling
-            scores = tl.where((s[None, :] < held) & (g[:, None] < GROUP), scores, float("-inf"))
-            best = tl.maximum(best, tl.max(scores, axis=1))
-        total = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, slots, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            k = tl.load(pk + (row * slots + s)[:, None] * WIDTH + c[None, :],
-                        mask=(s[:, None] < held) & (c[None, :] < WIDTH), other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            scores = scores.to(pk.dtype.element_ty).to(tl.float32) * scaling
-            relative = tl.where(g[:, None] < GROUP, scores - best[:, None], float("-inf"))
-            per_slot = tl.max(relative, axis=0)
-            per_slot = tl.where(s < held, per_slot, float("-inf"))
-            tl.store(scratch + row * slots + s, per_slot, mask=s < slots)
-            total += (per_slot > -alpha).to(tl.int32)
-        tl.store(row_counts + row, tl.sum(total, axis=0))
-
-    @triton.jit
-    def select_kernel(scratch, row_counts, held_ptr, positions, count_ptr, rows, slots, cap,
-                      ROWS_P: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        r = tl.arange(0, ROWS_P)
-        total = tl.sum(tl.load(row_counts + r, mask=r < rows, other=0).to(tl.int64), axis=0)
-        held = tl.load(held_ptr)
-        count = tl.minimum(total // rows, tl.minimum(held, cap))
-        if row == 0:
-            tl.store(count_ptr, count)
-        # The count-th largest key: the largest T with #(key >= T) >= count (bisection, 32 rounds).
-        low = tl.full([], -2147483648, tl.int64)
-        high = tl.full([], 2147483648, tl.int64)
-        for _ in range(32):
-            mid = low + (high - low) // 2
-            seen = tl.zeros([BLOCK], tl.int32)
-            for start in range(0, slots, BLOCK):
-                s = start + tl.arange(0, BLOCK)
-                bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32,
-                                                                                                   bitcast=True)
-                key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-                seen += ((key >= mid) & (s < slots)).to(tl.int32)
-            enough = tl.sum(seen, axis=0) >= count
-            low = tl.where(enough, mid, low)
-            high = tl.where(enough, high, mid)
-        greater = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, slots, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-            greater += ((key > low) & (s < slots)).to(tl.int32)
-        ties_wanted = count - tl.sum(greater, axis=0)
-        kept = tl.zeros([], tl.int64)
-        ties = tl.zeros([], tl.int64)
-        for start in range(0, slots, BLOCK):
-            s = start + tl.arange(0, BLOCK)
-            bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-            inside = s < slots
-            tie = (key == low) & inside
-            tie_rank = ties + tl.cumsum(tie.to(tl.int64), axis=0)
-            keep = ((key > low) & inside) | (tie & (tie_rank <= ties_wanted))  # count 0: low is the top key
-            rank = kept + tl.cumsum(keep.to(tl.int64), axis=0) - 1
-            tl.store(positions + row * cap + rank, s.to(tl.int64), mask=keep & (rank < cap))
-            kept += tl.sum(keep.to(tl.int64), axis=0)
-            ties += tl.sum(tie.to(tl.int64), axis=0)
-
-    _KERNELS.update(score=score_kernel, select=select_kernel)
+    _KERNELS.update(block_max=k.block_max_kernel, score=k.score_kernel, select=k.select_kernel)
