@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kvprof import __version__
+from kvprof.analysis.common import parse_percentiles
+from kvprof.analysis.results import result_path
+from kvprof.analysis.summary import parse_slo
 from kvprof.models import EMBEDDED, WEIGHTS
 from kvprof.profiler import Registry, SinkError, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
@@ -96,6 +99,7 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the workload and of random weights")
     _add_display(p)
+    _add_result_options(p)
     p.add_argument("--warmup-runs", type=int, default=None,
                    help="untraced runs of the first batch before the traced run (default: 1 on CUDA, 0 on CPU)")
     p.add_argument("--flush-s", type=float, default=1.0,
@@ -109,6 +113,22 @@ def _add_display(p: argparse.ArgumentParser) -> None:
     display.add_argument("--quiet", "-q", action="store_true",
                         help="no live display (it is on by default when stderr is a terminal)")
     display.add_argument("--progress", action="store_true", help="live display even when stderr is not a terminal")
+
+
+def _add_result_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", help="the run's name in results, tables and figures (default: strategy and options)")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="a note kept in the trace and the result file, e.g. --metadata gpu_clock=locked (repeatable)")
+    p.add_argument("--percentiles", type=parse_percentiles, default="90,99", metavar="Q1,Q2,...",
+                   help="latency percentiles in the result file, besides the median")
+    p.add_argument("--slo", type=parse_slo, default=None, metavar="ttft=MS,tpot=MS,e2e=MS",
+                   help="service-level bounds in ms (any of them): the result file counts the requests meeting all "
+                        "(goodput)")
+    result = p.add_mutually_exclusive_group()
+    result.add_argument("--result", metavar="PATH",
+                        help="result file (JSON: summary, per-request records, environment) (default: the trace's "
+                             "path with .json)")
+    result.add_argument("--no-result", action="store_true", help="write no result file")
 
 
 def live_display_wanted(args: argparse.Namespace) -> bool:
@@ -128,12 +148,12 @@ def live_display(args: argparse.Namespace) -> Iterator[Any]:
         yield display
 
 
-def parse_key_values(pairs: list[str]) -> dict[str, str]:
+def parse_key_values(pairs: list[str], flag: str = "--opt") -> dict[str, str]:
     result = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--opt {pair!r}: expected KEY=VALUE")
+            raise UsageError(f"{flag} {pair!r}: expected KEY=VALUE")
         result[key.strip()] = value.strip()
     return result
 
@@ -151,16 +171,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
         rate=args.rate, seed=args.seed,
     )
     trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
+    result_file = None if args.no_result or trace_path is None else Path(args.result or result_path(trace_path))
     settings = TraceSettings(
         plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
         options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
         seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks,
         flush_s=args.flush_s, warmup_runs=args.warmup_runs,
+        label=args.label, metadata=parse_key_values(args.metadata, "--metadata"),
     )
     with live_display(args) as display:
         settings.display = display
         outcome = run_trace(settings)
     error = outcome.error
+    written = write_result_file(trace_path, result_file, args, error) if result_file is not None else None
     if error is not None:
         where = f" (the events so far are in {trace_path})" if trace_path else ""
         if isinstance(error, UsageError):
@@ -174,7 +197,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if trace_path:
         print(f"trace: {trace_path}  ({outcome.profiler.events_emitted} events, "
               f"profiler cost {outcome.profiler.hook_ns / 1e6:.1f} ms)")
+    if written:
+        print(f"result: {written}")
     return 0
+
+
+def write_result_file(trace_path: Path, path: Path, args: argparse.Namespace,
+                      error: BaseException | None) -> Path | None:
+    """The run's JSON result file (also for a failed run: it records the failure); a trace too
+    broken to read gets a warning instead."""
+    from kvprof.analysis.results import write_result
+    from kvprof.trace import read_trace
+
+    try:
+        write_result(read_trace(trace_path), path, percentiles=args.percentiles, slo=args.slo, error=error)
+    except (UsageError, OSError) as exc:
+        print(f"kvprof: warning: no result file: {exc}", file=sys.stderr)
+        return None
+    return path
 
 
 # --- sweep --------------------------------------------------------------------------------

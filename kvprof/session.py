@@ -11,7 +11,7 @@ from typing import Any
 import pluggy
 
 from kvprof.models import EMBEDDED, resolve_model
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.profiler import Profiler, Registry, RunInfo, describe_environment, get_plugin_manager
 from kvprof.strategy import RunContext, Strategy, UsageError, parse_options
 from kvprof.workloads import WorkloadSpec
 
@@ -31,6 +31,8 @@ class TraceSettings:
     seed: int = 0
     trace_path: Path | None = None
     sinks_enabled: bool = True
+    label: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
     display: Any = None               # a plugin object watching the run (kvprof.display.LiveDisplay)
     flush_s: float = 1.0
     warmup_runs: int | None = None    # None: 1 on CUDA (clocks, lazy kernel loading), 0 on CPU
@@ -78,6 +80,7 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
         trace_path=str(settings.trace_path) if settings.trace_path else None,
         sinks_enabled=settings.sinks_enabled, flush_s=settings.flush_s,
         plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+        label=settings.label, metadata=dict(settings.metadata), environment=describe_environment(device),
     )
     seed_everything(settings.seed)
     profiler = Profiler(pm, run)

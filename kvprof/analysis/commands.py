@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from kvprof.analysis import RunAnalysis, analyze
-from kvprof.analysis.common import unique_labels
+from kvprof.analysis.common import parse_percentiles, unique_labels
+from kvprof.analysis.summary import parse_slo
 from kvprof.strategy import UsageError
 from kvprof.trace import Trace, read_trace
 
@@ -36,6 +37,10 @@ def _add_outputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=0, metavar="N",
                         help="leave the run's first N decode steps out of throughput, ITL and KV per token "
                              "(default 0)")
+    parser.add_argument("--percentiles", type=parse_percentiles, default="90,99", metavar="Q1,Q2,...",
+                        help="latency percentiles to report, besides the median")
+    parser.add_argument("--slo", type=parse_slo, default=None, metavar="ttft=MS,tpot=MS,e2e=MS",
+                        help="service-level bounds in ms (any of them): report goodput, the requests meeting all")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the results as JSON")
     output.add_argument("--csv", metavar="DIR", help="write each table as a CSV file into DIR")
@@ -136,7 +141,7 @@ def _write_csv(runs: list[RunAnalysis], folder: str, comparison: dict[str, Any] 
     for index, run in enumerate(runs):
         prefix = f"{index}-" if len(runs) > 1 else ""
         tables = [table for name, result in run.results.items() for table in tables_for(name, result)]
-        paths += write_csv(tables, Path(folder), prefix)
+        paths += write_csv(tables, Path(folder), prefix, run=run.label)
     print(f"wrote {len(paths)} CSV files to {folder}")
 
 
@@ -165,7 +170,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     baseline = read_traces([args.baseline])[0] if args.baseline else None
     analyses = registered_analyses()
     runs = [analyze(trace, analyses, only=args.only, label=label, warmup_steps=args.warmup_steps,
-                    baseline=baseline)
+                    baseline=baseline, percentiles=args.percentiles, slo=args.slo)
             for trace, label in zip(traces, unique_labels(traces))]
     if args.json:
         documents = [run_document(run) for run in runs]
@@ -199,7 +204,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     baseline = _baseline_index(args.baseline, traces)
     full = next((trace for trace in traces if (trace.run or {}).get("plugin") == "full"), None)
     analyses = registered_analyses()
-    runs = [analyze(trace, analyses, label=label, warmup_steps=args.warmup_steps, baseline=full)
+    runs = [analyze(trace, analyses, label=label, warmup_steps=args.warmup_steps, baseline=full,
+                    percentiles=args.percentiles, slo=args.slo)
             for trace, label in zip(traces, unique_labels(traces))]
     comparison = compare(runs, baseline)
     if args.json:

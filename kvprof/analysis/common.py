@@ -169,15 +169,39 @@ def strings(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(values.to_pylist(), dtype=object)
 
 
-def distribution(values: np.ndarray, scale: float = 1.0) -> dict[str, float | int | None]:
-    """count, mean, median, p90, p99, min and max of `values / scale` (NaNs dropped)."""
+DEFAULT_PERCENTILES = (90.0, 99.0)
+
+
+def distribution(values: np.ndarray, scale: float = 1.0,
+                 percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> dict[str, float | int | None]:
+    """count, mean, std (population), median, the `percentiles` (keys p90, p99.9, ...), min and
+    max of `values / scale`, NaNs dropped."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)] / scale
+    keys = [percentile_key(q) for q in percentiles]
     if values.size == 0:
-        return {"count": 0, "mean": None, "median": None, "p90": None, "p99": None, "min": None, "max": None}
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {"count": int(values.size), "mean": float(values.mean()), "median": float(p50),
-            "p90": float(p90), "p99": float(p99), "min": float(values.min()), "max": float(values.max())}
+        return {"count": 0, "mean": None, "std": None, "median": None, **dict.fromkeys(keys),
+                "min": None, "max": None}
+    quantiles = np.percentile(values, [50.0, *percentiles])
+    return {"count": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+            "median": float(quantiles[0]), **{key: float(q) for key, q in zip(keys, quantiles[1:])},
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def percentile_key(q: float) -> str:
+    """The key of percentile `q` in a distribution: 90 -> "p90", 99.9 -> "p99.9"."""
+    return f"p{q:g}"
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    """`--percentiles 50,90,99.9` -> (50.0, 90.0, 99.9); each in (0, 100]."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--percentiles {text!r}: expected numbers, e.g. 50,90,99") from None
+    if not values or any(not 0 < q <= 100 for q in values):
+        raise UsageError(f"--percentiles {text!r}: each must be in (0, 100]")
+    return values
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -224,19 +248,26 @@ def _shown(value: Any) -> bool:
 
 
 def run_label(trace: Trace) -> str:
-    """A run's name: its plugin and the options it was given, e.g. `h2o heavy_ratio=0.1 recent_ratio=0.1`."""
+    """A run's name: its --label, else its plugin and the options it was given, e.g.
+    `h2o heavy_ratio=0.1 recent_ratio=0.1`."""
     run = trace.run or {}
+    if run.get("label"):
+        return run["label"]
     options = run.get("options") or {}
     shown = " ".join(f"{key}={value}" for key, value in sorted(options.items()) if _shown(value))
     return f"{run.get('plugin') or trace.path.stem} {shown}".strip()
 
 
 def strategy_labels(traces: list[Trace]) -> list[str]:
-    """Short names for runs shown together: the plugin, and the options whose values differ
-    among the runs of that plugin (`h2o heavy_ratio=0.05` next to `h2o heavy_ratio=0.1`)."""
+    """Short names for runs shown together: a run's --label, else the plugin and the options
+    whose values differ among the runs of that plugin (`h2o heavy_ratio=0.05` next to
+    `h2o heavy_ratio=0.1`)."""
     runs = [trace.run or {} for trace in traces]
     labels = []
     for run, trace in zip(runs, traces):
+        if run.get("label"):  # --label: the user named the run
+            labels.append(run["label"])
+            continue
         plugin = run.get("plugin") or trace.path.stem
         peers = [other.get("options") or {} for other in runs if other.get("plugin") == run.get("plugin")]
         options = run.get("options") or {}

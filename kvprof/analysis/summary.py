@@ -4,7 +4,10 @@ Tools disagree on what TTFT, TPOT and ITL mean, so kvprof states its formulas (`
 printed by `kvprof analyze` and included in its JSON). All times come from the trace's
 host-monotonic nanosecond timestamps; "arrival" is request_end.start_ns.
 
-* TTFT  = end of the request's last prefill chunk - arrival
+* TTFT  = end of the request's last prefill chunk - arrival. Queueing is included: a batch
+          runner's requests all arrive when the run starts, so a request of the third batch
+          counts the two batches before it (as a client sending them all at once would see)
+* queue = start of the request's first prefill chunk - arrival (waiting for a batch slot)
 * E2E   = request_end.end_ns - arrival
 * TPOT  = (E2E - TTFT) / (output tokens - 1), per request with at least 2 output tokens
 * request decode time = E2E - TTFT
@@ -24,7 +27,13 @@ host-monotonic nanosecond timestamps; "arrival" is request_end.start_ns.
 
 Warm-up: `warmup_steps=N` leaves the run's first N decode steps (in time order, across batches)
 out of the decode throughput, ITL and the per-token KV figures; TTFT and E2E are per request and
-keep them. Latency distributions report count, mean, median, p90, p99, min and max.
+keep them. Latency distributions report count, mean, std (population), median, the chosen
+percentiles (`--percentiles`, default 90 and 99), min and max.
+
+Goodput (`--slo ttft=MS,tpot=MS,e2e=MS`, any subset): the finished requests that met every
+given bound, as a count, a share of the finished requests, and requests per second over the run
+(first arrival to last request end), as vLLM's benchmark defines it. A request with one output
+token has no TPOT and meets a TPOT bound.
 """
 
 from __future__ import annotations
@@ -37,14 +46,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kvprof.analysis.common import (
-    NS_PER_MS, NS_PER_S, Events, distribution, ext_values, floats, ints, maybe, require_events, run_bounds,
+    DEFAULT_PERCENTILES, NS_PER_MS, NS_PER_S, Events, distribution, ext_values, floats, ints, maybe, require_events, run_bounds,
     strings,
 )
 from kvprof.strategy import UsageError
 from kvprof.trace import Trace
 
 FORMULAS: dict[str, str] = {
-    "ttft": "TTFT = end of the request's last prefill chunk - arrival (request_end.start_ns)",
+    "ttft": "TTFT = end of the request's last prefill chunk - arrival (request_end.start_ns); queueing "
+            "included (a batch runner's requests all arrive at the run's start)",
+    "queue": "queue = start of the request's first prefill chunk - arrival",
     "e2e": "E2E = request_end.end_ns - arrival",
     "tpot": "TPOT = (E2E - TTFT) / (output tokens - 1), requests with >= 2 output tokens",
     "decode": "request decode time = E2E - TTFT",
@@ -58,6 +69,8 @@ FORMULAS: dict[str, str] = {
     "memory_efficiency": "memory efficiency = median over decode steps of context tokens in flight "
                          "/ GB (1e9 B) of device KV",
     "bandwidth": "transfer bandwidth = bytes copied / time of the copies, per direction",
+    "goodput": "goodput = finished requests meeting every --slo bound (TTFT, TPOT, E2E in ms) / (last request "
+               "end - first arrival)",
     "warmup": "--warmup-steps N drops the run's first N decode steps from decode throughput, ITL, "
               "KV per token and memory efficiency",
 }
@@ -69,6 +82,7 @@ class Requests:
 
     ids: np.ndarray              # request ids (object)
     arrival_ns: np.ndarray       # int64
+    prefill_start_ns: np.ndarray  # float64: start of the first prefill chunk, NaN when none
     first_token_ns: np.ndarray   # float64, NaN when the trace has no prefill for the request
     end_ns: np.ndarray           # int64
     output_tokens: np.ndarray    # int64
@@ -82,17 +96,18 @@ class Requests:
 def finished_requests(events: Events) -> Requests:
     """Join each request_end with its prefill events (first token = last chunk's end)."""
     ends = events.of_kind("request_end", ["request_id", "start_ns", "end_ns", "tokens", "ext", "text"])
-    prefills = events.of_kind("prefill", ["request_id", "end_ns", "tokens", "ext"])
+    prefills = events.of_kind("prefill", ["request_id", "start_ns", "end_ns", "tokens", "ext"])
     # A recompute after a preemption (ext["recompute"]=1, vLLM) comes after the first token.
     recompute = pc.fill_null(pc.map_lookup(prefills["ext"], "recompute", "first"), 0.0)
     prefills = prefills.filter(pc.not_equal(recompute, 1.0))
     per_request = pa.table({
         "request_id": prefills["request_id"],
+        "prefill_start_ns": prefills["start_ns"],
         "first_token_ns": prefills["end_ns"],
         "prefill_prompt_tokens": pc.map_lookup(prefills["ext"], "prompt_tokens", "first"),
         "prefill_tokens": prefills["tokens"],
     }).group_by("request_id").aggregate([
-        ("first_token_ns", "max"), ("prefill_prompt_tokens", "max"), ("prefill_tokens", "sum"),
+        ("prefill_start_ns", "min"), ("first_token_ns", "max"), ("prefill_prompt_tokens", "max"), ("prefill_tokens", "sum"),
     ])
     finished = pa.table({
         "request_id": ends["request_id"], "arrival_ns": ends["start_ns"], "end_ns": ends["end_ns"],
@@ -105,6 +120,7 @@ def finished_requests(events: Events) -> Requests:
     return Requests(
         ids=strings(finished, "request_id"),
         arrival_ns=ints(finished, "arrival_ns"),
+        prefill_start_ns=floats(finished, "prefill_start_ns_min"),
         first_token_ns=floats(finished, "first_token_ns_max"),
         end_ns=ints(finished, "end_ns"),
         output_tokens=ints(finished, "output_tokens"),
@@ -187,7 +203,8 @@ def context_tokens_in_flight(requests: Requests, steps: DecodeSteps) -> np.ndarr
     return prompt_sum + active * steps_so_far - before_sum
 
 
-def summary(trace: Trace, warmup_steps: int = 0) -> dict[str, Any]:
+def summary(trace: Trace, warmup_steps: int = 0, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+            slo: dict[str, float] | None = None) -> dict[str, Any]:
     """The summary of one run; see the module docstring for every formula."""
     require_events(trace)
     if warmup_steps < 0:
@@ -197,11 +214,12 @@ def summary(trace: Trace, warmup_steps: int = 0) -> dict[str, Any]:
     steps = decode_steps(events, warmup_steps)
     if len(requests) == 0 and len(steps.end_ns) == 0 and events.count("prefill") == 0:
         raise UsageError(f"{trace.path}: the trace has no requests (no prefill, decode_step or request_end events)")
-    return {
+    result = {
         "formulas": FORMULAS,
         "warmup_steps": warmup_steps,
+        "percentiles": list(percentiles),
         "requests": _request_counts(trace, requests),
-        "latency_ms": _latencies(requests, steps),
+        "latency_ms": _latencies(requests, steps, percentiles),
         "throughput_tokens_per_s": _throughput(requests, steps),
         "decode": _decode_totals(steps),
         "memory_peak_bytes": _memory_peaks(events),
@@ -211,28 +229,107 @@ def summary(trace: Trace, warmup_steps: int = 0) -> dict[str, Any]:
         "transfers": _transfers(events),
         "run": _run_totals(events),
     }
+    if slo:
+        result["goodput"] = _goodput(requests, slo)
+    return result
 
 
-def _request_counts(trace: Trace, requests: Requests) -> dict[str, int]:
+def _request_counts(trace: Trace, requests: Requests) -> dict[str, int | None]:
     planned = len(((trace.run or {}).get("workload") or {}).get("requests") or []) or None
     return {
         "finished": len(requests), "planned": planned,
+        "failed": planned - len(requests) if planned is not None else None,  # planned but never finished
         "prompt_tokens": int(requests.prompt_tokens.sum()), "output_tokens": int(requests.output_tokens.sum()),
     }
 
 
-def _latencies(requests: Requests, steps: DecodeSteps) -> dict[str, dict]:
-    ttft = requests.first_token_ns - requests.arrival_ns
-    e2e = (requests.end_ns - requests.arrival_ns).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tpot = np.where(requests.output_tokens >= 2, (e2e - ttft) / (requests.output_tokens - 1), np.nan)
+@dataclass
+class RequestLatencies:
+    """Per finished request, in ns (float64, NaN where it does not apply)."""
+
+    queue: np.ndarray
+    ttft: np.ndarray
+    e2e: np.ndarray
+    tpot: np.ndarray
+
+    @classmethod
+    def of(cls, requests: Requests) -> RequestLatencies:
+        ttft = requests.first_token_ns - requests.arrival_ns
+        e2e = (requests.end_ns - requests.arrival_ns).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tpot = np.where(requests.output_tokens >= 2, (e2e - ttft) / (requests.output_tokens - 1), np.nan)
+        return cls(queue=requests.prefill_start_ns - requests.arrival_ns, ttft=ttft, e2e=e2e, tpot=tpot)
+
+
+def _latencies(requests: Requests, steps: DecodeSteps, percentiles: tuple[float, ...]) -> dict[str, dict]:
+    latency = RequestLatencies.of(requests)
     return {
-        "ttft": distribution(ttft, NS_PER_MS),
-        "tpot": distribution(tpot, NS_PER_MS),
-        "itl": distribution(inter_token_latencies_ns(requests, steps), NS_PER_MS),
-        "e2e": distribution(e2e, NS_PER_MS),
-        "decode": distribution(e2e - ttft, NS_PER_MS),
+        "ttft": distribution(latency.ttft, NS_PER_MS, percentiles),
+        "queue": distribution(latency.queue, NS_PER_MS, percentiles),
+        "tpot": distribution(latency.tpot, NS_PER_MS, percentiles),
+        "itl": distribution(inter_token_latencies_ns(requests, steps), NS_PER_MS, percentiles),
+        "e2e": distribution(latency.e2e, NS_PER_MS, percentiles),
+        "decode": distribution(latency.e2e - latency.ttft, NS_PER_MS, percentiles),
     }
+
+
+SLO_METRICS = ("ttft", "tpot", "e2e")
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """`--slo ttft=500,tpot=50` -> {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
+    bounds = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (piece.strip() for piece in part.partition("="))
+        if not sep or name not in SLO_METRICS:
+            raise UsageError(f"--slo {text!r}: expected NAME=MS pairs, NAME one of {', '.join(SLO_METRICS)}")
+        try:
+            bounds[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--slo {part!r}: {value!r} is not a number of milliseconds") from None
+        if not bounds[name] > 0:
+            raise UsageError(f"--slo {part!r}: the bound must be positive")
+    if not bounds:
+        raise UsageError(f"--slo {text!r}: give at least one bound, e.g. ttft=500,tpot=50")
+    return bounds
+
+
+def _goodput(requests: Requests, slo: dict[str, float]) -> dict[str, Any]:
+    latency = RequestLatencies.of(requests)
+    good = np.ones(len(requests), bool)
+    for name, bound_ms in slo.items():
+        values = getattr(latency, name) / NS_PER_MS
+        within = values <= bound_ms
+        good &= (within | np.isnan(values)) if name == "tpot" else within
+    count = int(good.sum())
+    span_ns = requests.end_ns.max() - requests.arrival_ns.min() if len(requests) else 0
+    return {"slo_ms": dict(slo), "good_requests": count,
+            "share": count / len(requests) if len(requests) else None,
+            "requests_per_s": count / (span_ns / NS_PER_S) if span_ns > 0 else None}
+
+
+def request_records(trace: Trace) -> list[dict[str, Any]]:
+    """One record per planned request (vLLM bench's per-request lists, as rows): arrival in ms
+    after the first request's, latencies in ms, token counts, the output text; unfinished ones
+    say so."""
+    events = Events.of(trace)
+    requests = finished_requests(events)
+    latency = RequestLatencies.of(requests)
+    first_arrival = int(requests.arrival_ns.min()) if len(requests) else 0
+    records: dict[str, dict[str, Any]] = {}
+    for i, request_id in enumerate(requests.ids):
+        records[str(request_id)] = {
+            "request_id": str(request_id), "finished": True,
+            "arrival_ms": float((requests.arrival_ns[i] - first_arrival) / NS_PER_MS),
+            "queue_ms": maybe(latency.queue[i] / NS_PER_MS), "ttft_ms": maybe(latency.ttft[i] / NS_PER_MS),
+            "tpot_ms": maybe(latency.tpot[i] / NS_PER_MS), "e2e_ms": float(latency.e2e[i] / NS_PER_MS),
+            "prompt_tokens": int(requests.prompt_tokens[i]), "output_tokens": int(requests.output_tokens[i]),
+            "text": requests.texts[i],
+        }
+    planned = ((trace.run or {}).get("workload") or {}).get("requests") or []
+    missing = [{"request_id": r["request_id"], "finished": False, "prompt_tokens": r.get("prompt_tokens")}
+               for r in planned if r.get("request_id") not in records]
+    return list(records.values()) + missing
 
 
 def _throughput(requests: Requests, steps: DecodeSteps) -> dict[str, float | None]:

@@ -93,17 +93,24 @@ def raw_cell(cell: Any) -> Any:
 
 
 def summary_tables(result: dict[str, Any]) -> list[Table]:
+    keys = [key for key in next(iter(result["latency_ms"].values())) if key != "count"]
     latency = Table(
-        "Latency (ms)", ["metric", "count", "mean", "median", "p90", "p99", "min", "max"],
-        [[name.upper(), dist["count"], *(dist[k] for k in ("mean", "median", "p90", "p99", "min", "max"))]
-         for name, dist in result["latency_ms"].items()],
-        notes=[result["formulas"][name] for name in ("ttft", "tpot", "itl", "e2e", "decode")],
+        "Latency (ms)", ["metric", "count", *keys],
+        [[name.upper(), dist["count"], *(dist.get(k) for k in keys)] for name, dist in result["latency_ms"].items()],
+        notes=[result["formulas"][name] for name in result["latency_ms"] if name in result["formulas"]],
     )
     rows: list[list[Any]] = []
     requests = result["requests"]
     rows.append(["requests finished", requests["finished"]])
     if requests["planned"] is not None:
         rows.append(["requests planned", requests["planned"]])
+        rows.append(["requests failed (planned, not finished)", requests.get("failed")])
+    goodput = result.get("goodput")
+    if goodput:
+        bounds = ", ".join(f"{name.upper()} <= {bound:g} ms" for name, bound in goodput["slo_ms"].items())
+        rows.append([f"requests meeting the SLO ({bounds})", goodput["good_requests"]])
+        rows.append(["share meeting the SLO", Q(goodput["share"], "share")])
+        rows.append(["goodput (requests/s)", goodput["requests_per_s"]])
     rows.append(["prompt tokens", requests["prompt_tokens"]])
     rows.append(["output tokens", requests["output_tokens"]])
     rows.append(["decode throughput", Q(result["throughput_tokens_per_s"]["decode"], "tokens/s")])
@@ -246,28 +253,31 @@ def print_tables(tables: list[Table], console: Any = None) -> None:
             console.print(f"  {note}", style="dim", highlight=False, markup=False)
 
 
-def to_csv(table: Table) -> str:
+def to_csv(table: Table, run: str | None = None) -> str:
     """Raw values, no unit formatting. A column whose quantities share one unit names it in
-    its header; a column of mixed units (a summary's values) gets a `unit` column beside it."""
+    its header; a column of mixed units (a summary's values) gets a `unit` column beside it.
+    With `run` (the run's label), a first `run` column says which run every row is from."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     units = [{row[i].unit for row in table.rows if isinstance(row[i], Q)} for i in range(len(table.columns))]
     mixed = [i for i, found in enumerate(units) if len(found) > 1]
     header = [f"{name} ({next(iter(found))})" if len(found) == 1 and next(iter(found)) != name else name
               for name, found in zip(table.columns, units)]
-    writer.writerow(header + ["unit"] * len(mixed[:1]))
+    first = ["run"] if run is not None else []
+    writer.writerow(first + header + ["unit"] * len(mixed[:1]))
     for row in table.rows:
         unit = [row[mixed[0]].unit if isinstance(row[mixed[0]], Q) else ""] if mixed else []
-        writer.writerow([raw_cell(cell) for cell in row] + unit)
+        writer.writerow([run] * len(first) + [raw_cell(cell) for cell in row] + unit)
     return buffer.getvalue()
 
 
-def write_csv(tables: list[Table], folder: Path, prefix: str = "") -> list[Path]:
+def write_csv(tables: list[Table], folder: Path, prefix: str = "", run: str | None = None) -> list[Path]:
+    """One CSV per table; `run` (a run's label) fills a first column of each row."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for table in tables:
         path = folder / f"{prefix}{table.slug}.csv"
-        path.write_text(to_csv(table))
+        path.write_text(to_csv(table, run))
         paths.append(path)
     return paths
 
