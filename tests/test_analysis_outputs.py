@@ -223,9 +223,10 @@ def test_plots_and_report(tmp_path, capsys):
     status, out, _ = run_cli(capsys, "analyze", *paths, "--plots", tmp_path / "figs", "--report", tmp_path / "report")
     assert status == 0
     figures = {p.stem for p in (tmp_path / "figs").glob("*.png")}
-    assert {"ttft_vs_prompt_length", "throughput_vs_batch_size", "e2e_vs_batch_size", "decode_time_vs_output_len",
+    assert {"throughput_vs_batch_size", "e2e_vs_batch_size",
             "latency_breakdown", "memory_breakdown", "memory_over_time-0", "step_times-0"} <= figures
-    assert "accuracy_vs_budget" not in figures  # no probes: nothing to draw
+    # one prompt and one output length: no line against them; no probes: no accuracy
+    assert not {"ttft_vs_prompt_length", "decode_time_vs_output_len", "accuracy_vs_budget"} & figures
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (tmp_path / "figs").glob("*.png"))
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("<table>") >= 4 * 4 and "data:image/png;base64," in page and "src='figures/" not in page
@@ -234,6 +235,43 @@ def test_plots_and_report(tmp_path, capsys):
                            "--report", tmp_path / "md", "--report-format", "md")
     markdown = (tmp_path / "md" / "README.md").read_text()
     assert status == 0 and "## Comparison" in markdown and "](figures/latency_breakdown.png)" in markdown
+    assert markdown.count("Comparison\n") == 1  # the section's heading, not repeated by its table
+
+
+def test_a_single_run_gets_only_the_figures_that_make_sense_for_one_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = _sweep(tmp_path)[0]
+    status, _, _ = run_cli(capsys, "analyze", path, "--plots", tmp_path / "figs")
+    assert status == 0
+    figures = {p.stem for p in (tmp_path / "figs").glob("*.png")}
+    assert figures == {"latency_breakdown", "memory_breakdown", "memory_over_time", "step_times"}
+
+
+def test_integer_axes_get_integer_ticks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kvprof.analysis.plots import _pyplot, step_times, throughput_vs_batch_size
+
+    runs = [analyze(read_trace(path)) for path in _sweep(tmp_path)]
+    plt = _pyplot()
+    for fig in (throughput_vs_batch_size(plt, runs), step_times(plt, runs[0])):
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
+            assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+        plt.close(fig)
+
+
+def test_report_shows_deviations_and_environment(tmp_path, capsys):
+    from kvprof.analysis.report import write_report
+
+    run = run_info(plugin="h2o", options={"heavy_ratio": 0.1})
+    run["deviations"] = ["scores are kept per sequence"]
+    run["environment"] = {"python": "3.11.7", "platform": "Linux", "versions": {"torch": "2.13.0"},
+                          "hardware": {"cpu": "Xeon", "cpu_cores": 2, "memory_bytes": 2**34}}
+    path = write_trace(tmp_path / "h2o.arrow", batch_events(), run)
+    page = write_report([analyze(read_trace(path))], tmp_path / "report", plots=False).read_text()
+    assert "Deviations from the published method" in page and "<li>scores are kept per sequence</li>" in page
+    assert "<li>CPU: Xeon, 2 cores, 16.0 GiB memory</li>" in page and "torch 2.13.0" in page
 
 
 def test_accuracy_against_budget_is_drawn_from_probe_runs(tmp_path):

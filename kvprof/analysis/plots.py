@@ -1,7 +1,9 @@
 """The study's figures, drawn from one or more analyzed runs (PNG, matplotlib).
 
 Sweep figures put one point per run, one line per strategy (the run label: plugin and options),
-and take x from the run's workload parameters:
+and take x from the run's workload parameters; one is drawn only when its runs give at least two
+values on its x axis (a single run makes no line), and an axis of whole numbers gets whole-number
+ticks:
 
     ttft_vs_prompt_length      median TTFT against prompt_len
     throughput_vs_batch_size   decode throughput and memory efficiency against batch_size
@@ -90,8 +92,10 @@ def _line_plot(ax: Any, series: dict[str, list[tuple[float, float]]], xlabel: st
 
 
 def _sweep_figure(plt: Any, panels: list[tuple[dict, str, str, str]], title: str) -> Any:
-    """One figure of line panels: (series, x label, y label, panel title); None if all empty."""
-    panels = [panel for panel in panels if panel[0]]
+    """One figure of line panels: (series, x label, y label, panel title). A panel needs at
+    least two values on its x axis (one run, or runs that share x, make no line); None if no
+    panel has them."""
+    panels = [panel for panel in panels if len({x for points in panel[0].values() for x, _ in points}) >= 2]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
@@ -131,10 +135,18 @@ def decode_time_vs_output_len(plt: Any, runs: list[RunAnalysis]) -> Any:
 
 
 def accuracy_vs_budget(plt: Any, runs: list[RunAnalysis]) -> Any:
+    from matplotlib.ticker import PercentFormatter
+
     series = _series(runs, "budget", "retention", "overall", "accuracy",
                      strategy_of=lambda run: (run.trace.run or {}).get("plugin") or run.label)
-    return _sweep_figure(plt, [(series, "KV budget (fraction of the prompt)", "answer accuracy", "")],
-                         "Retention accuracy against KV budget")
+    fig = _sweep_figure(plt, [(series, "KV budget (fraction of the prompt)", "answer accuracy", "")],
+                        "Retention accuracy against KV budget")
+    if fig is not None:  # an accuracy is a share: the whole 0-100 % range, whatever the values
+        ax = fig.axes[0]
+        ax.set_ylim(-0.03, 1.03)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        fig.tight_layout()
+    return fig
 
 
 def _stacked_bars(ax: Any, labels: list[str], stacks: list[dict[str, float]], order: list[str],
@@ -148,6 +160,7 @@ def _stacked_bars(ax: Any, labels: list[str], stacks: list[dict[str, float]], or
         bottom += values
     ax.set_xticks(range(len(labels)), [label if len(label) < 28 else label[:26] + "…" for label in labels],
                   rotation=20, ha="right", fontsize="small")
+    ax.set_xlim(-1.0 if len(labels) < 3 else -0.6, len(labels) - (0.0 if len(labels) < 3 else 0.4))  # no slab
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -218,6 +231,8 @@ def memory_over_time(plt: Any, run: RunAnalysis) -> Any:
 
 
 def step_times(plt: Any, run: RunAnalysis) -> Any:
+    from matplotlib.ticker import MaxNLocator
+
     per_step = run.results.get("breakdown", {}).get("time", {}).get("per_step", {})
     if not per_step.get("duration_ms"):
         return None
@@ -226,6 +241,7 @@ def step_times(plt: Any, run: RunAnalysis) -> Any:
     steps = np.arange(len(per_step["duration_ms"]))
     ax.stackplot(steps, *(phases[name] for name in phases), labels=[PHASE_LABELS.get(n, n) for n in phases],
                  colors=[PHASE_COLORS.get(name, f"C{i}") for i, name in enumerate(phases)])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decode step (run order)")
     ax.set_ylabel("ms")
     ax.set_title(f"Decode step time by phase: {run.label}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 """
 
 
+@dataclass
+class Section:
+    """A part of the page: a heading, lines of text, titled lists, then tables."""
+
+    heading: str
+    lines: list[str] = field(default_factory=list)
+    lists: dict[str, list[str]] = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+
+
 def _run_facts(run: RunAnalysis) -> list[str]:
     info = run.trace.run or {}
     model = info.get("model") or {}
@@ -36,24 +47,50 @@ def _run_facts(run: RunAnalysis) -> list[str]:
     params = workload.get("params") or {}
     shown = ", ".join(f"{k}={params[k]}" for k in ("prompt_len", "output_len", "batch_size", "num_prompts")
                       if k in params)
-    return [
+    facts = [
         f"trace: {run.trace.path} (schema {run.trace.schema_version})",
-        f"plugin: {info.get('plugin')}  options: {info.get('options') or {}}",
+        f"plugin: {info.get('plugin')} ({info.get('plugin_version') or '?'})  options: {info.get('options') or {}}",
         f"model: {model.get('name')} ({model.get('weights')} weights)  device: {info.get('device')}",
         f"workload: {workload.get('name')} {shown}",
     ]
+    if info.get("metadata"):
+        facts.append("metadata: " + ", ".join(f"{k}={v}" for k, v in info["metadata"].items()))
+    return facts
 
 
-def _sections(runs: list[RunAnalysis], comparison: dict[str, Any] | None) -> list[tuple[str, list[str], list[Table]]]:
-    """(heading, lines of text, tables) per section of the page."""
+def describe_environment(environment: dict[str, Any]) -> list[str]:
+    """The run's software and hardware, a line each (from the trace's run metadata)."""
+    if not environment:
+        return ["not recorded in this trace"]
+    versions = ", ".join(f"{name} {version}" for name, version in (environment.get("versions") or {}).items())
+    lines = [f"python {environment.get('python')} on {environment.get('platform')}", versions]
+    hardware = environment.get("hardware") or {}
+    if hardware:
+        memory = hardware.get("memory_bytes")
+        lines.append(f"CPU: {hardware.get('cpu')}, {hardware.get('cpu_cores')} cores"
+                     + (f", {memory / 2**30:.1f} GiB memory" if memory else ""))
+        gpu = hardware.get("gpu") or {}
+        if gpu.get("name"):
+            lines.append(f"GPU: {gpu['name']}, {gpu.get('memory_bytes', 0) / 2**30:.0f} GiB, compute capability "
+                         f"{gpu.get('compute_capability')}, CUDA {gpu.get('cuda')}, driver {gpu.get('driver', '?')}")
+    return lines
+
+
+def _sections(runs: list[RunAnalysis], comparison: dict[str, Any] | None) -> list[Section]:
     sections = []
     if comparison is not None:
-        sections.append(("Comparison", [], comparison_tables(comparison)))
+        sections.append(Section("Comparison", tables=comparison_tables(comparison)))
     for run in runs:
+        info = run.trace.run or {}
         lines = _run_facts(run) + [f"warning: {w}" for w in run.trace.warnings]
         lines += [f"{name} not applicable: {why}" for name, why in run.skipped.items()]
+        lists = {
+            "Deviations from the published method (recorded by the strategy)":
+                info.get("deviations") or ["none recorded"],
+            "Environment": describe_environment(info.get("environment") or {}),
+        }
         tables = [table for name, result in run.results.items() for table in tables_for(name, result)]
-        sections.append((f"Run: {run.label}", lines, tables))
+        sections.append(Section(f"Run: {run.label}", lines, lists, tables))
     return sections
 
 
@@ -85,16 +122,19 @@ def write_report(runs: list[RunAnalysis], folder: str | Path, comparison: dict[s
     return path
 
 
-def _html(title: str, sections: list, figures: list[Path], notes: list[str]) -> str:
+def _html(title: str, sections: list[Section], figures: list[Path], notes: list[str]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>written {time.strftime('%Y-%m-%d %H:%M:%S')} by kvprof analyze</p>"]
     parts += [f"<p class='warning'>{html.escape(note)}</p>" for note in notes]
-    for heading, lines, tables in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.heading)}</h2>")
         parts += [f"<p class='{'warning' if line.startswith('warning') else 'note'}'>{html.escape(line)}</p>"
-                  for line in lines]
-        parts += [to_html(table) for table in tables]
+                  for line in section.lines]
+        for name, items in section.lists.items():
+            parts.append(f"<h3>{html.escape(name)}</h3><ul class='note'>"
+                         + "".join(f"<li>{html.escape(item)}</li>" for item in items) + "</ul>")
+        parts += [to_html(table, title=table.title != section.heading) for table in section.tables]
     if figures:
         parts.append("<h2>Figures</h2>")
         for figure in figures:
@@ -105,12 +145,14 @@ def _html(title: str, sections: list, figures: list[Path], notes: list[str]) -> 
     return "\n".join(parts)
 
 
-def _markdown(title: str, sections: list, figures: list[Path], folder: Path, notes: list[str]) -> str:
+def _markdown(title: str, sections: list[Section], figures: list[Path], folder: Path, notes: list[str]) -> str:
     parts = [f"# {title}", "", f"*written {time.strftime('%Y-%m-%d %H:%M:%S')} by kvprof analyze*", ""]
     parts += [f"**{note}**" for note in notes]
-    for heading, lines, tables in sections:
-        parts += [f"## {heading}", ""] + [f"- {line}" for line in lines] + [""]
-        parts += [to_markdown(table) for table in tables]
+    for section in sections:
+        parts += [f"## {section.heading}", ""] + [f"- {line}" for line in section.lines] + [""]
+        for name, items in section.lists.items():
+            parts += [f"### {name}", ""] + [f"- {item}" for item in items] + [""]
+        parts += [to_markdown(table, title=table.title != section.heading) for table in section.tables]
     if figures:
         parts += ["## Figures", ""]
         parts += [f"![{figure.stem}]({figure.relative_to(folder).as_posix()})" for figure in figures]

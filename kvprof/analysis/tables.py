@@ -282,20 +282,22 @@ def write_csv(tables: list[Table], folder: Path, prefix: str = "", run: str | No
     return paths
 
 
-def to_markdown(table: Table) -> str:
-    lines = [f"### {table.title}", "", "| " + " | ".join(table.columns) + " |",
+def to_markdown(table: Table, title: bool = True) -> str:
+    """The table in Markdown; `title=False` leaves out its heading (a section says it already)."""
+    lines = ([f"### {table.title}", ""] if title else []) + ["| " + " | ".join(table.columns) + " |",
              "|" + "|".join("---" for _ in table.columns) + "|"]
     lines += ["| " + " | ".join(format_cell(cell).replace("|", "\\|") for cell in row) + " |" for row in table.rows]
     lines += [""] + [f"*{note}*  " for note in table.notes]
     return "\n".join(lines) + "\n"
 
 
-def to_html(table: Table) -> str:
+def to_html(table: Table, title: bool = True) -> str:
+    """The table in HTML; `title=False` leaves out its heading (a section says it already)."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(cell))}</td>" for cell in row) + "</tr>"
                    for row in table.rows)
     notes = "".join(f"<p class='note'>{html.escape(note)}</p>" for note in table.notes)
-    return (f"<h3>{html.escape(table.title)}</h3>"
+    return ((f"<h3>{html.escape(table.title)}</h3>" if title else "") +
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}")
 
 
