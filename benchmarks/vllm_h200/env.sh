@@ -1,0 +1,10 @@
+# Sourced by install.sh and run.sh on the H200 machine: where the staged vLLM lives, and how kvprof
+# runs it there (offline, in-process).
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export VLLM_SITE=${VLLM_SITE:-/tmp/vllm-site}
+export KVPROF_CACHE=${KVPROF_CACHE:-/tmp/kvprof-cache}
+# vLLM's model-inspection subprocess inherits PYTHONPATH, so it sees the same site folder.
+export PYTHONPATH="$VLLM_SITE${PYTHONPATH:+:$PYTHONPATH}"
+# No network there: nothing may wait on the hub or on usage reporting.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1
