@@ -218,6 +218,7 @@ def memory_over_time(plt: Any, run: RunAnalysis) -> Any:
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.stackplot(series["t_s"], *(np.array(series[c]) / scale for c in drawn),
                  labels=drawn, colors=[MEMORY_COLORS[c] for c in drawn], step="post")
+    ax.set_xlim(left=0.0)  # from the run's start: the time before the first KV report (prefill) shows
     ax.set_xlabel("time since run start (s)")
     ax.set_ylabel(unit)
     weights = memory.get("peak_bytes", {}).get("weights")
