@@ -1,7 +1,8 @@
 """`kvprof sweep`: a grid of runs (strategies by prompt length, batch size, output length, KV
 budget, request rate), one trace per point, and the study's figures drawn from them.
 
-A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>].arrow`;
+A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>].arrow`,
+with its result file (`.json`, see kvprof.analysis.results) beside it;
 points whose trace already exists are skipped, so an interrupted sweep resumes where it stopped.
 """
 
@@ -14,9 +15,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from kvprof.analysis.results import result_path, write_result
 from kvprof.profiler import Registry, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
+from kvprof.trace import read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
 
@@ -99,7 +102,8 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
             kept = path.rename(path.with_suffix(".failed.arrow"))
             raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
                              f"{outcome.error} (trace kept as {kept.name})")
-        report(f"sweep: {path.name} ({outcome.profiler.events_emitted} events)")
+        write_result(read_trace(path), result_path(path))
+        report(f"sweep: {path.name} ({outcome.profiler.events_emitted} events, result {result_path(path).name})")
         del outcome
         release_memory()
     return traces
@@ -119,8 +123,6 @@ def draw(traces: list[Path], folder: Path) -> list[Path]:
     sweep has one, and draw the study's figures into `folder`."""
     from kvprof.analysis import analyze
     from kvprof.analysis.plots import draw_figures
-    from kvprof.trace import read_trace
-
     loaded = [read_trace(path) for path in traces]
     baselines = {_workload_key(t): t for t in loaded if t.run.get("plugin") == "full"}
     runs = [analyze(trace, label=path.stem, baseline=baselines.get(_workload_key(trace)))

@@ -33,6 +33,7 @@ def test_sweep_runs_resumes_and_draws(tmp_path, capsys):
     assert len(traces) == 4
     h2o = read_trace(tmp_path / "h2o-recent_ratio=0.2-p160-b1-o3.arrow")
     assert h2o.run["options"]["recent_ratio"] == 0.2 and h2o.run["workload"]["params"]["prompt_len"] == 160
+    assert {path.with_suffix(".json").is_file() for path in traces} == {True}  # a result file per point
     figures = {path.name for path in (tmp_path / "figures").glob("*.png")}
     assert {"ttft_vs_prompt_length.png", "accuracy_vs_budget.png", "latency_breakdown.png"} <= figures
     capsys.readouterr()
