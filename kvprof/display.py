@@ -3,8 +3,8 @@
 It is a plugin object the CLI registers for the command's duration (not a per-run sink), so it
 sees what happens before a run's sinks exist: the strategy's status messages while the model
 loads, warms up and captures graphs (`kvprof_status`, sent by `Profiler.status`). From
-run_start on it counts the workload the run recorded: requests prefilled out of the planned
-requests, and decode tokens out of the planned ones (each request's max_new_tokens - 1, less
+run_start on it counts the workload the run recorded: requests prefilled (at their first
+prefill event) out of the planned requests, and decode tokens out of the planned ones (each request's max_new_tokens - 1, less
 what a request that stopped early at EOS will never produce), with rates and an ETA. A sweep
 adds one line for its points. The CLI shows it by default on a terminal; `--quiet` hides it.
 """
@@ -46,6 +46,7 @@ class LiveDisplay:
         self._prefill: TaskID | None = None
         self._decode: TaskID | None = None
         self._planned_new: dict[str, int] = {}   # request id -> max_new_tokens of the running run
+        self._prefilled: set[str | None] = set()
         self._decode_tokens = 0
         self._decode_ns = 0
         self._kv = (0.0, 0.0)
@@ -108,7 +109,10 @@ class LiveDisplay:
 
     @hookimpl
     def kvprof_prefill(self, event: Event) -> None:
-        if self._prefill is not None and not (event.ext or {}).get("chunk") and not (event.ext or {}).get("recompute"):
+        # A request counts at its first prefill event: chunks, follow-ups and recomputations
+        # after a preemption fire more than one.
+        if self._prefill is not None and event.request_id not in self._prefilled:
+            self._prefilled.add(event.request_id)
             self.progress.advance(self._prefill)
 
     @hookimpl
@@ -145,5 +149,6 @@ class LiveDisplay:
             if task is not None:
                 self.progress.remove_task(task)
         self._prefill = self._decode = None
+        self._prefilled.clear()
         self._decode_tokens = self._decode_ns = 0
         self._kv = (0.0, 0.0)

@@ -131,3 +131,23 @@ def test_no_live_display_off_a_terminal_unless_asked():
     assert cli.live_display_wanted(parser.parse_args(["trace", "--plugin", "full", "--progress"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["trace", "--plugin", "full", "--progress", "--quiet"])
+
+
+def test_live_display_counts_a_chunked_prefill_once_and_drops_tokens_an_early_stop_never_makes():
+    from kvprof.events import Event, Kind
+    from kvprof.profiler import RunInfo
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
+    run = RunInfo(plugin="vllm", model={}, options={}, trace_path="t.arrow",
+                  workload={"requests": [{"request_id": "a", "max_new_tokens": 10},
+                                         {"request_id": "b", "max_new_tokens": 10}]})
+    display = LiveDisplay(console)
+    display.kvprof_run_start(run)
+    for request in ("a", "a", "b"):  # a's prompt in two chunks
+        display.kvprof_prefill(Event(Kind.PREFILL, 0, 1, request_id=request, ext={"chunk": 1.0}))
+    display.kvprof_decode_step(Event(Kind.DECODE_STEP, 1, 2, tokens=3, ext={"prefill_tokens": 1.0}))
+    display.kvprof_request_end(Event(Kind.REQUEST_END, 0, 2, request_id="a", tokens=3))  # EOS after 3 of 10
+    console.print(display._render())
+    text = console.export_text()
+    assert "2/2" in text                      # prefill: two requests, not three events
+    assert "2/11" in text                     # decode: 18 planned, less a's 7 that will never come
