@@ -43,8 +43,8 @@ def run_info(plugin: str = "full", options: dict | None = None, requests: list[d
 
 
 def write_trace(path: Path, events: list[Event], run: dict[str, Any], finish: bool = True) -> Path:
-    """Write `events` (numbered in list order) as a kvprof trace; finish=False leaves the
-    end-of-stream marker out, like a killed run."""
+    """Write `events` (numbered in list order) as a kvprof trace and return where it is;
+    finish=False leaves the footer out and the file at its partial path, like a killed run."""
     writer = ArrowTraceWriter(path, run, batch_rows=4)
     for seq, event in enumerate(events):
         event.seq, event.run_id = seq, "hand"
@@ -54,7 +54,7 @@ def write_trace(path: Path, events: list[Event], run: dict[str, Any], finish: bo
     else:
         writer.flush()
         writer._file.close()
-    return path
+    return writer.written_path
 
 
 def ev(kind: Kind, start_ms: float, end_ms: float | None = None, **fields: Any) -> Event:

@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset
+import pyarrow.feather as feather
 import pytest
 
 from kvprof.events import Event, Kind
-from kvprof.trace import ArrowTraceWriter, TraceError, read_trace
+from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, partial_path, read_trace
 from kvprof.trace.schema import META_RUN, META_VERSION, arrow_schema, published
 from kvprof.trace.validate import validate_trace
 
@@ -54,88 +57,240 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert validate_trace(path) == ([], [])
 
 
-def test_trace_opens_in_plain_pyarrow_and_pandas(tmp_path):
+def test_a_complete_trace_opens_in_pyarrow_pandas_polars_and_duckdb(tmp_path):
     path = tmp_path / "t.arrow"
     write_events(path, some_events())
-    with pa.ipc.open_stream(path) as reader:
-        frame = reader.read_pandas()
-    assert list(frame["kind"].astype(str)) == ["run_start", "prefill", "evict", "decode_step", "run_end"]
+    kinds = ["run_start", "prefill", "evict", "decode_step", "run_end"]
+    with pa.ipc.open_file(path) as reader:
+        assert reader.num_record_batches == 3
+        assert reader.read_all()["kind"].to_pylist() == kinds
+    assert feather.read_table(path)["tokens"].to_pylist() == [None, 128, 3, 1, None]
+    assert pyarrow.dataset.dataset(path, format="arrow").to_table().num_rows == 5
+    assert list(pd.read_feather(path)["kind"]) == kinds
+
+
+def test_a_complete_trace_opens_in_polars_lazily(tmp_path):
+    polars = pytest.importorskip("polars")
+    path = tmp_path / "t.arrow"
+    write_events(path, some_events())
+    frame = polars.scan_ipc(path).filter(polars.col("kind") == "prefill").select("request_id", "tokens").collect()
+    assert frame.rows() == [("req-0", 128)]
+
+
+def test_a_complete_trace_opens_in_duckdb_over_arrow(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    path = tmp_path / "t.arrow"
+    write_events(path, some_events())
+    events = pyarrow.dataset.dataset(path, format="arrow")  # noqa: F841 (DuckDB finds it by name)
+    rows = duckdb.sql("SELECT kind, sum(tokens) FROM events WHERE tokens IS NOT NULL GROUP BY kind "
+                      "ORDER BY kind").fetchall()
+    assert rows == [("decode_step", 1), ("evict", 3), ("prefill", 128)]
+
+
+def test_a_killed_runs_trace_has_no_footer_and_reads_as_a_stream(tmp_path):
+    """No footer: Arrow file readers refuse it, kvprof and any stream reader (from byte 8) read it."""
+    path = tmp_path / "t.arrow"
+    writer = write_events(path, some_events(), close=False, batch_rows=2)  # 2 batches flushed, 1 pending
+    assert not path.exists() and writer.partial == tmp_path / "t.partial.arrow"
+    with pytest.raises(pa.ArrowInvalid):
+        pa.ipc.open_file(writer.partial)
+    trace = read_trace(writer.partial)
+    assert trace.truncated and trace.footer == "missing" and len(trace) == 4
+    assert "truncated" in trace.warnings[0]
+    stream = pa.ipc.open_stream(pa.py_buffer(writer.partial.read_bytes()[8:]))
+    assert sum(batch.num_rows for batch in stream_batches(stream)) == 4
+
+
+def stream_batches(reader: pa.ipc.RecordBatchStreamReader) -> list[pa.RecordBatch]:
+    batches = []
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+        except (StopIteration, pa.ArrowInvalid):
+            return batches
 
 
 def test_a_cut_trace_reads_its_complete_batches_and_says_so(tmp_path):
-    path = tmp_path / "t.arrow"
-    write_events(path, some_events(), close=False, batch_rows=2)  # 2 batches flushed, 1 event pending
-    data = path.read_bytes()
-    path.write_bytes(data[:-7])  # the second batch is now cut mid-message
-    trace = read_trace(path)
+    writer = write_events(tmp_path / "t.arrow", some_events(), close=False, batch_rows=2)
+    data = writer.partial.read_bytes()
+    writer.partial.write_bytes(data[:-7])  # the second batch is now cut mid-message
+    trace = read_trace(writer.partial)
     assert trace.truncated
     assert len(trace) == 2
     assert "truncated" in trace.warnings[0]
+    problems, _ = validate_trace(writer.partial)
+    assert any("truncated" in problem for problem in problems)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such trace file"),
-    (b"", "empty file"),
-    (b"this is not arrow at all", "not an Arrow IPC stream"),
-])
-def test_bad_files_are_one_clear_error(tmp_path, content, message):
-    path = tmp_path / "bad.arrow"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(TraceError, match=message):
+def test_a_changed_number_is_corruption_not_truncation(tmp_path):
+    """A prefill's 987654 tokens become 987655 on disk: the batch checksum catches it."""
+    path = tmp_path / "t.arrow"
+    events = some_events()
+    events[1].tokens = 987654
+    write_events(path, events)
+    data = bytearray(path.read_bytes())
+    at = data.index((987654).to_bytes(8, "little"))
+    data[at] += 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="corrupt: record batch 0 does not match its checksum"):
+        read_trace(path)
+    problems, _ = validate_trace(path)
+    assert problems and "checksum" in problems[0]
+
+
+def test_changed_run_metadata_is_corruption(tmp_path):
+    path = tmp_path / "t.arrow"
+    write_events(path, some_events())
+    data = path.read_bytes()
+    assert data.count(b'"plugin": "test"') == 2  # the stream's schema and the footer's
+    path.write_bytes(data.replace(b'"plugin": "test"', b'"plugin": "tesT"', 1))
+    with pytest.raises(TraceError, match="metadata does not match its checksum"):
         read_trace(path)
 
 
-def test_an_arrow_stream_that_is_not_kvprof_is_refused(tmp_path):
-    path = tmp_path / "other.arrow"
-    table = pa.table({"x": [1, 2]})
+def test_old_stream_traces_still_read_and_validate():
+    """Schema 1.0 (Arrow IPC stream, dictionary columns, no checksums): the committed examples."""
+    examples = sorted((ROOT / "traces" / "examples").glob("*.arrow"))
+    assert examples
+    for path in examples:
+        trace = read_trace(path)
+        assert trace.schema_version == "1.0" and trace.file_format == "arrow-stream" and not trace.truncated
+        assert len(trace.of_kind("prefill")) > 0
+        assert validate_trace(path) == ([], [])
+
+
+def test_the_parquet_export_reads_back_as_the_trace(tmp_path):
+    from kvprof.analysis.export import write_parquet
+
+    path = tmp_path / "t.arrow"
+    write_events(path, some_events())
+    trace = read_trace(path)
+    exported = read_trace(write_parquet(trace, tmp_path / "t.parquet"))
+    assert exported.file_format == "parquet" and exported.schema_version == "1.1"
+    assert exported.table.to_pylist() == trace.table.to_pylist() and exported.run == trace.run
+    assert validate_trace(tmp_path / "t.parquet") == ([], [])
+
+
+def _stream_with(path: Path, metadata: dict[bytes, bytes], drop: str | None = None) -> Path:
+    """A schema-1.0-style stream holding some_events(), with the given schema metadata."""
+    write_events(path, some_events())
+    table = read_trace(path).table
+    if drop:
+        table = table.drop_columns([drop])
+    table = table.replace_schema_metadata(metadata)
     with pa.ipc.new_stream(path, table.schema) as writer:
         writer.write_table(table)
-    with pytest.raises(TraceError, match="not a kvprof trace"):
-        read_trace(path)
+    return path
 
 
-def test_a_newer_schema_version_is_refused(tmp_path):
-    path = tmp_path / "new.arrow"
-    schema = arrow_schema({}).with_metadata({META_VERSION: b"1.99", META_RUN: b"{}"})
-    with pa.ipc.new_stream(path, schema):
-        pass
-    with pytest.raises(TraceError, match="newer"):
+@pytest.mark.parametrize("metadata, drop, message", [
+    ({META_VERSION: b"1"}, None, "'1' is not MAJOR.MINOR"),
+    ({META_VERSION: b"1.0.1"}, None, "'1.0.1' is not MAJOR.MINOR"),
+    ({META_VERSION: b"abc"}, None, "'abc' is not MAJOR.MINOR"),
+    ({META_VERSION: b"1.0", META_RUN: b"[1, 2]"}, None, "is not a JSON object"),
+    ({META_VERSION: b"1.0", META_RUN: b"{oops"}, None, "is not JSON"),
+    ({META_VERSION: b"1.0", META_RUN: b"{}"}, "tokens", "missing column tokens"),
+    ({META_VERSION: b"1.1", META_RUN: b"{}"}, None, "does not match its checksum"),
+])
+def test_bad_metadata_and_columns_are_one_clear_error(tmp_path, metadata, drop, message):
+    path = _stream_with(tmp_path / "t.arrow", metadata, drop)
+    with pytest.raises(TraceError, match=message):
         read_trace(path)
+    assert message in validate_trace(path)[0][0]
+
+
+def test_values_out_of_physical_range_are_flagged(tmp_path):
+    path = tmp_path / "t.arrow"
+    events = some_events()
+    events[3].kv_host_bytes = 2**62
+    events[1].ext = {"rss_bytes": 2.25e211}
+    write_events(path, events)
+    problems, _ = validate_trace(path)
+    assert any("kv_host_bytes out of physical range" in problem for problem in problems), problems
+    assert any("ext rss_bytes out of physical range" in problem for problem in problems), problems
+
+
+def test_the_trace_keeps_its_partial_name_until_the_run_finishes(tmp_path):
+    path = tmp_path / "t.arrow"
+    path.write_bytes(b"the previous trace")
+    writer = ArrowTraceWriter(path, {"plugin": "test"})
+    event = Event(Kind.RUN_START, 0, 0, seq=0, run_id="r1")
+    writer.kvprof_run_start(event)
+    assert writer.partial.exists() and path.read_bytes() == b"the previous trace"
+    writer.kvprof_run_end(Event(Kind.RUN_END, 1, 1, seq=1, run_id="r1"), error=None)
+    assert not writer.partial.exists() and read_trace(path).table.num_rows == 2
+
+
+def test_a_failed_run_keeps_its_partial_name_and_the_previous_trace(tmp_path):
+    path = tmp_path / "t.arrow"
+    path.write_bytes(b"the previous trace")
+    writer = ArrowTraceWriter(path, {"plugin": "test"})
+    writer.kvprof_run_start(Event(Kind.RUN_START, 0, 0, seq=0, run_id="r1"))
+    writer.kvprof_run_end(Event(Kind.RUN_END, 1, 1, seq=1, run_id="r1", ext={"failed": 1.0}),
+                          error=RuntimeError("boom"))
+    assert path.read_bytes() == b"the previous trace"
+    trace = read_trace(writer.partial)
+    assert trace.footer == "ok" and not trace.truncated and "failed" in trace.warnings[0]
 
 
 def test_published_schema_is_current():
-    published_file = ROOT / "schemas" / "kvprof-trace-1.0.json"
+    published_file = ROOT / "schemas" / f"kvprof-trace-{SCHEMA_VERSION}.json"
     assert json.loads(published_file.read_text()) == published(), (
-        "regenerate with: python -m kvprof.trace.schema > schemas/kvprof-trace-1.0.json"
+        f"regenerate with: python -m kvprof.trace.schema > schemas/kvprof-trace-{SCHEMA_VERSION}.json"
     )
 
 
-def test_sigkill_mid_decode_leaves_a_readable_trace(tmp_path):
-    """A run killed with SIGKILL keeps its complete batches; the reader says it was cut."""
-    path = tmp_path / "killed.arrow"
+def start_long_run(path: Path) -> subprocess.Popen:
+    """`kvprof trace` of thousands of decode steps, returned once 20 of them are on disk."""
     command = [
         sys.executable, "-m", "kvprof.cli", "trace", "--plugin", "full", "--model", "tiny-llama",
-        "--weights", "random", "--workload", "synthetic", "--prompt-len", "64", "--output-len", "100000",
+        "--weights", "random", "--workload", "synthetic", "--prompt-len", "64", "--output-len", "8000",
         "--flush-s", "0.05", "-o", str(path),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            if path.exists() and _decode_steps(path) >= 20:
-                break
-        else:
-            pytest.fail("the run wrote no decode steps in 120 s")
-    finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    trace = read_trace(path)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if _decode_steps(partial_path(path)) >= 20:
+            return process
+        if process.poll() is not None:
+            pytest.fail(f"the run ended early: {process.stderr.read()}")
+    process.kill()
+    pytest.fail("the run wrote no decode steps in 120 s")
+
+
+def test_sigkill_mid_decode_leaves_a_readable_trace(tmp_path):
+    """A run killed with SIGKILL keeps its complete batches under the partial name; the reader
+    says it was cut."""
+    path = tmp_path / "killed.arrow"
+    process = start_long_run(path)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not path.exists()
+    trace = read_trace(partial_path(path))
     assert trace.truncated and "truncated" in trace.warnings[0]
     assert len(trace.of_kind("decode_step")) >= 20
     assert len(trace.of_kind("run_end")) == 0
-    assert validate_trace(path)[0] == []
+    problems, _ = validate_trace(partial_path(path))
+    assert len(problems) == 1 and "truncated" in problems[0]
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                                 (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_sigint_close_the_trace(tmp_path, signum, status, word):
+    """SIGTERM (timeout, schedulers) stops a run as SIGINT does: a complete file with run_end,
+    under the partial name, which the one-line message gives."""
+    path = tmp_path / "stopped.arrow"
+    process = start_long_run(path)
+    os.kill(process.pid, signum)
+    assert process.wait(timeout=60) == status
+    stderr = process.stderr.read()
+    assert stderr.strip().splitlines() == [f"kvprof: {word} ({signal.Signals(signum).name}) "
+                                           f"(the events so far are in {partial_path(path)})"], stderr
+    with pa.ipc.open_file(partial_path(path)) as reader:  # the footer is there
+        assert reader.read_all()["kind"].to_pylist()[-1] == "run_end"
+    trace = read_trace(partial_path(path))
+    assert not trace.truncated and "failed" in trace.warnings[0]
 
 
 def _decode_steps(path: Path) -> int:

@@ -32,7 +32,7 @@ import pyarrow as pa
 from kvprof.analysis.breakdown import PHASE_LABELS
 from kvprof.analysis.common import Events, ext_values, require_events, run_bounds, run_label
 from kvprof.analysis.summary import transfer_direction
-from kvprof.trace import Trace
+from kvprof.trace import Trace, replaced_on_success
 
 PID = 1
 TRACKS = {"steps": 1, "phases": 2, "copies store": 3, "copies fetch": 4, "copies other": 5, "evictions": 6}
@@ -196,19 +196,19 @@ def _arrow(flow_id: int, source: dict[str, Any], target: dict[str, Any], timelin
 
 def write_perfetto(trace: Trace, path: str | os.PathLike, max_flows: int = MAX_FLOWS) -> Path:
     """Write the Chrome trace JSON for `trace`; open it at ui.perfetto.dev."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(perfetto(trace, max_flows), handle, separators=(",", ":"))
-    return path
+    document = perfetto(trace, max_flows)
+    with replaced_on_success(path) as partial:
+        with open(partial, "w") as handle:
+            json.dump(document, handle, separators=(",", ":"))
+    return Path(path)
 
 
 def write_parquet(trace: Trace, path: str | os.PathLike) -> Path:
-    """Write the trace's events as Parquet (zstd), keeping the schema metadata."""
+    """Write the trace's events as Parquet (zstd), with the column types and schema metadata
+    (version, run, checksum) of its trace: `kvprof analyze` reads it back as the trace."""
     import pyarrow.parquet as pq
 
     require_events(trace)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(trace.table, path, compression="zstd")
-    return path
+    with replaced_on_success(path) as partial:
+        pq.write_table(trace.stored_table(), partial, compression="zstd")
+    return Path(path)

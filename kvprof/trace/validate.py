@@ -1,4 +1,4 @@
-"""Checking a trace against the published schema and the event rules."""
+"""Checking a trace against the published schema, the event rules and physical ranges."""
 
 from __future__ import annotations
 
@@ -11,9 +11,22 @@ from kvprof.events import Kind
 from kvprof.trace.reader import TraceError, read_trace
 from kvprof.trace.schema import COLUMNS, REQUIRED
 
+PiB = 2**50
+WEEK_NS = 7 * 24 * 3600 * 10**9
+# column -> (lowest, highest) a real run can record; beyond is corruption or a plugin's bug.
+PHYSICAL_RANGES: dict[str, tuple[float, float]] = {
+    "step": (0, 2**31 - 1), "layer": (0, 100_000), "kv_head": (0, 100_000), "batch_size": (0, 10**7),
+    "tokens": (0, 2**40), "bytes": (0, PiB), "kv_device_bytes": (0, PiB), "kv_host_bytes": (0, PiB),
+    "aux_device_bytes": (0, PiB), "mem_allocated_bytes": (0, PiB), "mem_reserved_bytes": (0, PiB),
+    "mem_peak_allocated_bytes": (0, PiB), "mem_peak_reserved_bytes": (0, PiB), "nvml_used_bytes": (0, PiB),
+}
+# ext keys by the unit their name ends with -> range
+EXT_RANGES = {"_bytes": (0, PiB), "_ns": (0, WEEK_NS), "_tokens": (0, 2**40)}
+
 
 def validate_trace(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(problems, warnings) for the trace at `path`; no problems means valid."""
+    """(problems, warnings) for the trace at `path`; no problems means valid. A truncated
+    trace, or one whose footer is damaged, is a problem: other Arrow readers cannot open it."""
     try:
         trace = read_trace(path)
     except TraceError as exc:
@@ -21,7 +34,9 @@ def validate_trace(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     problems = check_table(trace.table)
     if not trace.run:
         problems.append("no run metadata (kvprof:run)")
-    return problems, trace.warnings
+    if trace.damage:
+        problems.append(trace.damage)
+    return problems, [warning for warning in trace.warnings if warning != trace.damage]
 
 
 def check_table(table: pa.Table) -> list[str]:
@@ -42,14 +57,45 @@ def check_table(table: pa.Table) -> list[str]:
     kinds = set(pc.unique(table["kind"].cast(pa.string())).to_pylist())
     unknown = kinds - {k.value for k in Kind}
     if unknown:
-        problems.append(f"unknown event kinds: {', '.join(sorted(unknown))}")
+        problems.append(f"unknown event kinds: {', '.join(sorted(str(k) for k in unknown))}")
     seq = table["seq"].to_numpy()
     if (seq[1:] <= seq[:-1]).any():
         problems.append("seq is not strictly increasing")
     start, end = table["start_ns"].to_numpy(), table["end_ns"].to_numpy()
     if (end < start).any():
         problems.append(f"{int((end < start).sum())} events end before they start")
-    for column in ("tokens", "bytes", "kv_device_bytes", "kv_host_bytes"):
-        if pc.any(pc.less(table[column], 0)).as_py():
-            problems.append(f"negative values in {column}")
+    return problems + out_of_range(table)
+
+
+def out_of_range(table: pa.Table) -> list[str]:
+    """Values no real run records: negative counts, petabytes, events longer than a week."""
+    problems = []
+    for column, (low, high) in PHYSICAL_RANGES.items():
+        values = table[column]
+        if values.null_count == len(values):
+            continue
+        lowest, highest = pc.min_max(values).values()
+        if lowest.as_py() < low or highest.as_py() > high:
+            problems.append(f"{column} out of physical range [{low:g}, {high:g}]: "
+                            f"{lowest.as_py()} to {highest.as_py()}")
+    durations = pc.subtract(table["end_ns"], table["start_ns"])
+    if len(durations) and pc.max(durations).as_py() > WEEK_NS:
+        problems.append(f"an event lasts longer than a week ({pc.max(durations).as_py()} ns)")
+    return problems + _ext_out_of_range(table["ext"])
+
+
+def _ext_out_of_range(ext: pa.ChunkedArray) -> list[str]:
+    keys = pa.chunked_array([chunk.keys for chunk in ext.chunks], pa.string())
+    values = pa.chunked_array([chunk.items for chunk in ext.chunks], pa.float64())
+    problems = []
+    if pc.any(pc.is_inf(values)).as_py():
+        problems.append("ext holds infinite values")
+    for key in pc.unique(keys).to_pylist():
+        for suffix, (low, high) in EXT_RANGES.items():
+            if key is None or not key.endswith(suffix):
+                continue
+            lowest, highest = pc.min_max(values.filter(pc.equal(keys, key))).values()
+            if lowest.is_valid and (lowest.as_py() < low or highest.as_py() > high):
+                problems.append(f"ext {key} out of physical range [{low:g}, {high:g}]: "
+                                f"{lowest.as_py():g} to {highest.as_py():g}")
     return problems

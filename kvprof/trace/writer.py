@@ -1,72 +1,128 @@
-"""The Arrow trace writer: a sink that streams events to an Arrow IPC stream file.
+"""The Arrow trace writer: a sink that writes a run's events to an Arrow IPC file as the run goes.
 
 Events are buffered and written as record batches every `batch_rows` events or `flush_s`
 seconds, whichever comes first, so memory stays bounded and a run that is killed leaves a
-readable prefix: at most the batch in progress is lost. `run_end` writes the last batch and
-the stream's end-of-stream marker, which is how a reader tells a finished trace from a cut one.
+readable prefix: at most the batch in progress is lost. Each batch carries its CRC32.
+
+The file is `<name>.partial.arrow` while the run goes. `run_end` writes the last batch and the
+footer; a run that finished is then renamed to `<name>.arrow` in one step (an existing trace
+there is replaced only then), one that failed or was interrupted keeps its `.partial` name.
+A write that fails (disk full) stops the writer and raises TraceWriteError naming the file.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
 from kvprof.events import FIELDS, Event
 from kvprof.hookspecs import hookimpl
-from kvprof.trace.schema import COLUMNS, arrow_schema
+from kvprof.trace.schema import META_BATCH_CRC, arrow_schema, batch_checksum
+
+
+class TraceWriteError(OSError):
+    """Writing the trace failed (disk full, file removed, ...); says where the events so far are."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where the trace for `path` is written until its run finishes: `<name>.partial<suffix>`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
 
 
 class ArrowTraceWriter:
-    """Writes every event of one run to `path`."""
+    """Writes every event of one run to `path` (via its partial path)."""
 
     def __init__(self, path: str | os.PathLike, run_metadata: dict[str, Any],
                  batch_rows: int = 8192, flush_s: float = 1.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = partial_path(self.path)
         self.schema = arrow_schema(run_metadata)
         self.batch_rows = batch_rows
         self.flush_ns = int(flush_s * 1e9)
         self._buffer: list[Event] = []
-        self._file = pa.OSFile(str(self.path), "wb")
-        self._writer = pa.ipc.new_stream(self._file, self.schema)
         self._last_flush_ns = time.monotonic_ns()
         self.rows_written = 0
+        self.closed = False
+        self.finished = False   # closed and renamed to `path`
+        with self._reporting_errors():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = pa.OSFile(str(self.partial), "wb")
+            self._writer = pa.ipc.new_file(self._file, self.schema)
+
+    @property
+    def written_path(self) -> Path:
+        """Where the events are now: `path` once the run finished, the partial file before."""
+        return self.path if self.finished else self.partial
 
     def add(self, event: Event) -> None:
+        if self.closed:
+            return
         self._buffer.append(event)
         if len(self._buffer) >= self.batch_rows or event.end_ns - self._last_flush_ns > self.flush_ns:
             self.flush()
 
     def flush(self) -> None:
-        if self._buffer:
-            self._writer.write_batch(self._to_batch(self._buffer))
-            self._file.flush()
+        if self._buffer and not self.closed:
+            batch = self._to_batch(self._buffer)
+            with self._reporting_errors():
+                self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
+                self._file.flush()
             self.rows_written += len(self._buffer)
             self._buffer = []
         self._last_flush_ns = time.monotonic_ns()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Write the last batch and the footer; if the run `finished`, move the file to `path`."""
+        if self.closed:
+            return
         self.flush()
-        self._writer.close()  # writes the end-of-stream marker
-        self._file.close()
+        with self._reporting_errors():
+            self._writer.close()  # the end-of-stream marker and the footer
+            self._file.close()
+            self.closed = True
+            if finished:
+                publish(self.partial, self.path)
+                self.finished = True
+
+    @contextmanager
+    def _reporting_errors(self) -> Iterator[None]:
+        """An OS error while writing abandons the writer and becomes a TraceWriteError."""
+        try:
+            yield
+        except TraceWriteError:
+            raise
+        except OSError as error:
+            self._abandon()
+            where = (f"the events written so far are in {self.partial}" if self.partial.exists()
+                     else "no trace was kept")
+            raise TraceWriteError(f"writing the trace failed: {error}; {where}") from error
+
+    def _abandon(self) -> None:
+        """After a failed write: stop writing, release the file, keep what reached the disk."""
+        self.closed = True
+        self._buffer = []
+        file = getattr(self, "_file", None)
+        try:
+            if file is not None:
+                file.close()
+        except OSError:
+            pass
 
     def _to_batch(self, events: list[Event]) -> pa.RecordBatch:
         arrays = []
-        for name in FIELDS:
-            dtype = COLUMNS[name][0]
+        for name, column in zip(FIELDS, self.schema):
             values = [getattr(e, name) for e in events]
             if name == "kind":
                 values = [v.value for v in values]
             elif name == "ext":
                 values = [None if v is None else list(v.items()) for v in values]
-            if pa.types.is_dictionary(dtype):
-                arrays.append(pa.array(values, pa.string()).dictionary_encode())
-            else:
-                arrays.append(pa.array(values, dtype))
+            arrays.append(pa.array(values, column.type))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
     # --- sink hooks --------------------------------------------------------------------
@@ -105,6 +161,32 @@ class ArrowTraceWriter:
         self.add(event)
 
     @hookimpl
-    def kvprof_run_end(self, event: Event) -> None:
+    def kvprof_run_end(self, event: Event, error: BaseException | None) -> None:
         self.add(event)
-        self.close()
+        self.close(finished=error is None)
+
+
+def publish(partial: Path, path: Path) -> None:
+    """Move a finished file to its name in one step, its bytes on disk first (fsync), so the
+    name never shows a half-written file and a file already there is replaced only now."""
+    descriptor = os.open(partial, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(partial, path)
+
+
+@contextmanager
+def replaced_on_success(path: str | os.PathLike) -> Iterator[Path]:
+    """The partial path to write `path`'s content to: published as `path` if the block
+    succeeds, removed if it fails (an export never leaves half a file, nor destroys one)."""
+    path = Path(path)
+    partial = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield partial
+        publish(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
