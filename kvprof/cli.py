@@ -1,7 +1,9 @@
 """The `kvprof` command: trace | sweep | analyze | compare | export | plugins | models | validate.
 
 A user's mistake is one line on stderr and exit status 2, never a traceback. A plugin that
-crashes is reported with its name; the trace it wrote so far stays readable.
+crashes is reported with its name, an OS error (disk full) in one line, both exit 1; the trace
+written so far stays readable, under the name it has on disk. SIGTERM stops a run as SIGINT
+does (exit 143, 130 for SIGINT).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from kvprof.models import EMBEDDED, WEIGHTS
 from kvprof.profiler import Registry, SinkError, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
+from kvprof.trace.writer import TraceWriteError, partial_path
 from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
 
 DETAILS = ("step", "layer", "head")
@@ -31,17 +35,42 @@ WORKLOAD_HELP = ("synthetic: random tokens of the exact prompt length; passkey: 
 DTYPE_HELP = "model dtype: bfloat16, float16 or float32; auto: bfloat16 on CUDA, float32 on CPU"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, schedulers), raised where SIGINT raises KeyboardInterrupt, so both stop
+    a run the same way: the strategy unwinds and the trace gets its run_end."""
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def interrupt_status(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """What stopped the command, and its exit status (128 + the signal's number)."""
+    if isinstance(stop, Terminated):
+        return "terminated (SIGTERM)", 128 + signal.SIGTERM
+    return "interrupted (SIGINT)", 128 + signal.SIGINT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"kvprof: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kvprof: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        message, status = interrupt_status(stop)
+        print(f"kvprof: {message}", file=sys.stderr)
+        return status
+    except OSError as exc:  # disk full, file vanished: the OS's reason, in one line
+        if os.environ.get("KVPROF_DEBUG"):
+            raise
+        print(f"kvprof: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -94,6 +123,8 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (serving engines)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--output", "-o", default=None, help="trace path (default traces/<time>-<plugin>-<model>.arrow)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing trace at --output (only once the new run finishes)")
     p.add_argument("--detail", choices=DETAILS, default="layer", help="granularity of evict/offload events")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
@@ -164,28 +195,45 @@ def default_trace_path(plugin: str, model: str) -> Path:
     return Path("traces") / f"{stamp}-{plugin}-{safe_model}.arrow"
 
 
+def kept_events(trace_path: Path | None) -> str:
+    """Where a run that did not finish left its events, said truthfully."""
+    if trace_path is None:
+        return ""
+    kept = partial_path(trace_path)
+    return f" (the events so far are in {kept})" if kept.exists() else " (no trace was written)"
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     params = WorkloadParams(
         prompt_len=args.prompt_len, output_len=args.output_len, batch_size=args.batch_size,
-        num_prompts=args.num_prompts or args.batch_size, depth=args.depth, num_facts=args.num_facts,
-        rate=args.rate, seed=args.seed,
+        num_prompts=args.batch_size if args.num_prompts is None else args.num_prompts, depth=args.depth,
+        num_facts=args.num_facts, rate=args.rate, seed=args.seed,
     )
     trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
     result_file = None if args.no_result or trace_path is None else Path(args.result or result_path(trace_path))
     settings = TraceSettings(
         plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
         options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
-        seed=args.seed, trace_path=trace_path, sinks_enabled=not args.no_sinks,
+        seed=args.seed, trace_path=trace_path, overwrite=args.force, sinks_enabled=not args.no_sinks,
         flush_s=args.flush_s, warmup_runs=args.warmup_runs,
         label=args.label, metadata=parse_key_values(args.metadata, "--metadata"),
     )
-    with live_display(args) as display:
-        settings.display = display
-        outcome = run_trace(settings)
+    try:
+        with live_display(args) as display:
+            settings.display = display
+            outcome = run_trace(settings)
+    except KeyboardInterrupt as stop:
+        message, status = interrupt_status(stop)
+        print(f"kvprof: {message}{kept_events(trace_path)}", file=sys.stderr)
+        return status
     error = outcome.error
     written = write_result_file(trace_path, result_file, args, error) if result_file is not None else None
     if error is not None:
-        where = f" (the events so far are in {trace_path})" if trace_path else ""
+        where = kept_events(trace_path)
+        cause = error.__cause__ if isinstance(error, SinkError) else error
+        if isinstance(cause, OSError):  # disk full and the like: the OS's reason, not a plugin's bug
+            print(f"kvprof: error: {cause}{'' if isinstance(cause, TraceWriteError) else where}", file=sys.stderr)
+            return 1
         if isinstance(error, UsageError):
             raise UsageError(f"{error}{where}") from None
         culprit = f"plugin {error.plugin!r}" if isinstance(error, SinkError) else \

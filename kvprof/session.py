@@ -11,6 +11,7 @@ from typing import Any
 import pluggy
 
 from kvprof.models import EMBEDDED, resolve_model
+from kvprof.preflight import check_run, check_trace_sink
 from kvprof.profiler import Profiler, Registry, RunInfo, describe_environment, get_plugin_manager
 from kvprof.strategy import RunContext, Strategy, UsageError, parse_options
 from kvprof.workloads import WorkloadSpec
@@ -30,6 +31,7 @@ class TraceSettings:
     detail: str = "layer"
     seed: int = 0
     trace_path: Path | None = None
+    overwrite: bool = False          # replace an existing trace at trace_path (once the run finishes)
     sinks_enabled: bool = True
     label: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -59,7 +61,7 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
               strategy_cls: type[Strategy] | None = None) -> RunOutcome:
     """Validate the settings, run the strategy and close its trace.
 
-    A user's mistake found before the run raises UsageError. Anything the strategy raises
+    A user's mistake found before the model loads (kvprof.preflight) raises UsageError. Anything the strategy raises
     (a UsageError too, e.g. an engine that cannot start) is returned in `error` after the trace
     got its run_end, so the events so far stay readable; KeyboardInterrupt is re-raised then.
     """
@@ -72,6 +74,9 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
     settings.workload.validate()
     model = resolve_model(settings.model, settings.weights, registry.models)
     device = settings.device or default_device()
+    check_trace_sink(pm, settings.trace_path if settings.sinks_enabled else None)
+    check_run(settings.workload, model, device, settings.dtype,
+              settings.trace_path if settings.sinks_enabled else None, settings.overwrite)
     params = settings.workload.params
     run = RunInfo(
         plugin=strategy_cls.name, model=model.to_dict(),

@@ -136,6 +136,18 @@ class WorkloadSpec:
         return workload
 
 
+def chat_wrapping(tokenizer: Any) -> tuple[str, str]:
+    """The text before and after a user message in the tokenizer's chat template, or ("", "")."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    sentinel = "\x00KVPROF\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": sentinel}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = text.split(sentinel)
+    return before, after
+
+
 def build_workload(name: str, params: WorkloadParams, encode: Encode,
                    chat: tuple[str, str] = ("", "")) -> Workload:
     """The requests of workload `name`; `chat` wraps each prompt as the model's user turn."""

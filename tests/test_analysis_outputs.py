@@ -43,7 +43,7 @@ def _file(path: Path, data: bytes) -> Path:
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.arrow", "no such trace file"),
     (lambda d: _file(d / "empty.arrow", b""), "empty file"),
-    (lambda d: _file(d / "bad.arrow", b"not arrow at all"), "not an Arrow IPC stream"),
+    (lambda d: _file(d / "bad.arrow", b"not arrow at all"), "not an Arrow IPC file or stream"),
     (lambda d: _arrow_stream(d / "plain.arrow", pa.schema([("x", pa.int64())])), "not a kvprof trace"),
     (lambda d: _arrow_stream(d / "new.arrow", arrow_schema({}).with_metadata({META_VERSION: b"1.99"})), "newer"),
     (lambda d: write_trace(d / "header.arrow", [], run_info()), "holds no events"),

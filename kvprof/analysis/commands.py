@@ -226,9 +226,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kvprof.analysis.export import write_parquet, write_perfetto
 
-    trace = read_traces([args.trace])[0]
     suffix = ".perfetto.json" if args.format == "perfetto" else ".parquet"
-    output = Path(args.output) if args.output else trace.path.with_suffix(suffix)
+    output = Path(args.output) if args.output else Path(args.trace).with_suffix(suffix)
+    if output.exists() and output.resolve() == Path(args.trace).resolve():
+        raise UsageError(f"export: the output {output} is the trace itself; give another path with -o")
+    trace = read_traces([args.trace])[0]
     path = write_perfetto(trace, output) if args.format == "perfetto" else write_parquet(trace, output)
     hint = "  (open it at https://ui.perfetto.dev)" if args.format == "perfetto" else ""
     print(f"wrote {path}{hint}")

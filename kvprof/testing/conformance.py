@@ -27,7 +27,7 @@ from kvprof.profiler import Registry, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import Strategy, UsageError
 from kvprof.testing.checks import Problem, run_checks
-from kvprof.trace import Trace, read_trace
+from kvprof.trace import Trace, partial_path, read_trace
 from kvprof.trace.validate import validate_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
@@ -118,9 +118,9 @@ def check_strategy(
     trace_path = trace_dir / f"{strategy_cls.name}-{detail}.arrow"
     settings = TraceSettings(plugin=strategy_cls.name, model=model, weights=weights,
                              workload=WorkloadSpec(workload, params), options=options or {}, device=device,
-                             detail=detail, seed=params.seed, trace_path=trace_path)
+                             detail=detail, seed=params.seed, trace_path=trace_path, overwrite=True)
     error = run_trace(settings, pm, strategy_cls).error
-    report = check_trace(trace_path)
+    report = check_trace(trace_path if error is None else partial_path(trace_path))
     if error is not None:
         report.problems.insert(0, Problem("run", f"strategy {strategy_cls.name!r} raised "
                                           f"{type(error).__name__}: {error}"))

@@ -10,6 +10,7 @@ import torch
 
 from kvprof.models import ModelSpec
 from kvprof.strategy import UsageError
+from kvprof.workloads import chat_wrapping
 
 
 @dataclass
@@ -32,18 +33,6 @@ class LoadedModel:
     def chat_wrapping(self) -> tuple[str, str]:
         """`chat_wrapping` of the model's tokenizer."""
         return chat_wrapping(self.tokenizer)
-
-
-def chat_wrapping(tokenizer: Any) -> tuple[str, str]:
-    """The text before and after a user message in the tokenizer's chat template, or ("", "")."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "", ""
-    sentinel = "\x00KVPROF\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": sentinel}], tokenize=False, add_generation_prompt=True
-    )
-    before, after = text.split(sentinel)
-    return before, after
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -156,7 +156,7 @@ def shutdown(engine: Any) -> None:
 
 def tokenizer_glue(engine: Any) -> tuple[Callable[[str], list[int]], tuple[str, str], int]:
     """What `WorkloadSpec.build` needs, from vLLM's own tokenizer: encode, chat wrapping, vocab size."""
-    from kvprof_transformers.loading import chat_wrapping
+    from kvprof.workloads import chat_wrapping
 
     tokenizer = engine.get_tokenizer()
 
