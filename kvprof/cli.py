@@ -329,11 +329,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     with live_display(args) as display:
         settings.display = display
-        traces = sweep.run_sweep(points, folder, args.workload, settings, args.repeats)
-    if not args.no_plots:
-        figures = sweep.draw(traces, folder / "figures")
-        print(f"sweep: {len(traces)} traces, {len(figures)} figures in {folder / 'figures'}")
-    return 0
+        outcome = sweep.run_sweep(points, folder, args.workload, settings, args.repeats)
+    for path, why in outcome.unfinished:
+        print(f"kvprof: warning: sweep point {path.name} did not finish: {why}", file=sys.stderr)
+    if not args.no_plots and outcome.traces:
+        figures = sweep.draw(outcome.traces, folder / "figures")
+        left_out = f" ({len(outcome.unfinished)} unfinished points left out)" if outcome.unfinished else ""
+        print(f"sweep: {len(outcome.traces)} traces, {len(figures)} figures in {folder / 'figures'}{left_out}")
+    return 1 if outcome.unfinished else 0
 
 
 def print_plan(points: list[Any], folder: Path, repeats: int) -> None:
@@ -343,7 +346,7 @@ def print_plan(points: list[Any], folder: Path, repeats: int) -> None:
     runs = sweep.planned_runs(points, folder, repeats)
     todo = 0
     for point, path in runs:
-        done = path.exists()
+        done = sweep.unfinished_reason(path) is None
         todo += not done
         options = " ".join(f"{key}={value}" for key, value in point.options)
         params = point.params

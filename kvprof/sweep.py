@@ -2,8 +2,11 @@
 budget, request rate), one trace per point, and the study's figures drawn from them.
 
 A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>].arrow`,
-with its result file (`.json`, see kvprof.analysis.results) beside it;
-points whose trace already exists are skipped, so an interrupted sweep resumes where it stopped.
+with its result file (`.json`, see kvprof.analysis.results) beside it. A run writes its trace
+under the partial name until it finishes (kvprof.trace.writer), so a point is done exactly when
+its trace is complete: a resumed sweep skips those and runs every other point again (killed,
+interrupted, failed, or an old trace that is truncated). Points that fail are reported and
+left out of the figures; the sweep goes on with the next.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import gc
 import itertools
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from kvprof.analysis.results import result_path, write_result
 from kvprof.profiler import Registry, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
-from kvprof.trace import read_trace
+from kvprof.trace import TraceError, partial_path, read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
 
@@ -79,9 +82,30 @@ def planned_runs(points: list[SweepPoint], folder: Path, repeats: int = 1) -> li
     return runs
 
 
+@dataclass
+class SweepOutcome:
+    traces: list[Path]                                              # complete traces, in run order
+    unfinished: list[tuple[Path, str]] = field(default_factory=list)  # (trace path, why) of the others
+
+
+def unfinished_reason(path: Path) -> str | None:
+    """None when `path` holds a complete trace of a run that finished, else why it does not
+    (such a point is run again: a killed, interrupted or failed run, or no trace yet)."""
+    if not path.exists():
+        return "its run did not finish (a partial trace)" if partial_path(path).exists() else "not traced yet"
+    try:
+        trace = read_trace(path)
+    except TraceError as exc:
+        return f"unreadable trace ({exc})"
+    if trace.damage:
+        return "its trace is truncated" if trace.truncated else "its trace is damaged"
+    return "its run failed" if trace.run_failed else None
+
+
 def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settings: TraceSettings,
-              repeats: int = 1) -> list[Path]:
-    """Run every point not traced yet; returns the traces of all points (with their repeats).
+              repeats: int = 1) -> SweepOutcome:
+    """Run every point without a complete trace (a point whose run fails is reported and the
+    sweep goes on); returns the complete traces and the points left unfinished.
     `base_settings.display` (a LiveDisplay), when set, gets a line per run and a sweep bar."""
     folder.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(points, folder, repeats)
@@ -89,24 +113,30 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
     report = display.sweep_point_done if display is not None else print
     if display is not None:
         display.start_sweep(len(runs))
-    traces = []
+    outcome = SweepOutcome([])
     for point, path in runs:
-        traces.append(path)
-        if path.exists():
+        why = unfinished_reason(path)
+        if why is None:
             report(f"sweep: {path.name} exists, skipped")
+            outcome.traces.append(path)
             continue
+        if path.exists():
+            report(f"sweep: {path.name}: {why}; running it again")
         settings = replace(base_settings, plugin=point.plugin, options=dict(point.options),
-                           workload=WorkloadSpec(workload, point.params), trace_path=path)
-        outcome = run_trace(settings)
-        if outcome.error is not None:
-            kept = path.rename(path.with_suffix(".failed.arrow"))
-            raise UsageError(f"sweep point {path.name} failed: {type(outcome.error).__name__}: "
-                             f"{outcome.error} (trace kept as {kept.name})")
-        write_result(read_trace(path), result_path(path))
-        report(f"sweep: {path.name} ({outcome.profiler.events_emitted} events, result {result_path(path).name})")
-        del outcome
+                           workload=WorkloadSpec(workload, point.params), trace_path=path, overwrite=True)
+        run = run_trace(settings)
+        if run.error is not None:
+            kept = partial_path(path)
+            why = f"{type(run.error).__name__}: {run.error} (its events are in {kept.name})"
+            report(f"sweep: {path.name} failed: {why}")
+            outcome.unfinished.append((path, why))
+        else:
+            write_result(read_trace(path), result_path(path))
+            report(f"sweep: {path.name} ({run.profiler.events_emitted} events, result {result_path(path).name})")
+            outcome.traces.append(path)
+        del run
         release_memory()
-    return traces
+    return outcome
 
 
 def release_memory() -> None:

@@ -3,9 +3,10 @@
 import pytest
 
 from kvprof import cli
+from kvprof.hookspecs import hookimpl
 from kvprof.strategy import UsageError
 from kvprof.sweep import parse_grid, plan
-from kvprof.trace import read_trace
+from kvprof.trace import partial_path, read_trace
 from kvprof.workloads import WorkloadParams
 
 
@@ -39,3 +40,56 @@ def test_sweep_runs_resumes_and_draws(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(args + ["--no-plots"]) == 0
     assert capsys.readouterr().out.count("exists, skipped") == 4
+
+
+def test_resume_runs_truncated_and_killed_points_again(tmp_path, capsys):
+    args = ["sweep", "-p", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len", "32,48,64",
+            "--output-len", "2", "-o", str(tmp_path), "--no-plots"]
+    assert cli.main(args) == 0
+    done, cut, killed = (tmp_path / f"full-p{p}-b1-o2.arrow" for p in (32, 48, 64))
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])          # as an older kvprof left a killed run
+    killed.rename(partial_path(killed))               # as this one leaves it
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{done.name} exists, skipped" in out
+    assert f"{cut.name}: its trace is truncated; running it again" in out
+    assert not read_trace(cut).truncated and not read_trace(killed).truncated
+
+
+class CrashingStrategy:
+    name = "crashes"
+    options = ()
+
+    def run(self, ctx):
+        ctx.profiler.start()
+        raise RuntimeError("boom")
+
+
+class CrashingPlugin:
+    @hookimpl
+    def kvprof_register_strategies(self, register):
+        register(CrashingStrategy)
+
+
+def test_a_failing_point_is_reported_and_left_out(tmp_path, capsys, monkeypatch):
+    """The sweep goes on past a failing point, says which did not finish and exits 1; the
+    next resume runs it again."""
+    from kvprof import session, sweep
+    from kvprof.profiler import get_plugin_manager
+
+    def manager_with_plugin():
+        pm = get_plugin_manager()
+        pm.register(CrashingPlugin(), name="crashing")
+        return pm
+
+    monkeypatch.setattr(session, "get_plugin_manager", manager_with_plugin)
+    monkeypatch.setattr(sweep, "get_plugin_manager", manager_with_plugin)
+    args = ["sweep", "-p", "crashes", "-p", "full", "--model", "tiny-llama", "--weights", "random",
+            "--prompt-len", "32", "--output-len", "2", "-o", str(tmp_path), "--no-plots"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "sweep point crashes-p32-b1-o2.arrow did not finish: RuntimeError: boom" in err
+    assert (tmp_path / "full-p32-b1-o2.arrow").exists()
+    assert sweep.unfinished_reason(tmp_path / "crashes-p32-b1-o2.arrow") == "its run did not finish (a partial trace)"

@@ -54,6 +54,7 @@ class Trace:
     file_format: str = "arrow-file"     # "arrow-file" | "arrow-stream" | "parquet"
     footer: str = "n/a"
     damage: str | None = None           # why the file is not whole (truncated, footer damaged); also a warning
+    run_failed: bool = False            # its run_end says the run failed or was interrupted
 
     def note_damage(self, message: str) -> None:
         self.damage = message
@@ -301,6 +302,7 @@ def _add_run_warnings(trace: Trace) -> None:
         return
     ends = trace.of_kind("run_end")["ext"].to_pylist()
     if ends and dict(ends[-1] or ()).get("failed"):
+        trace.run_failed = True
         trace.warnings.append(f"{trace.path}: the run failed before finishing; events up to the failure are kept")
 
 
