@@ -227,10 +227,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"kvprof: {message}{kept_events(trace_path)}", file=sys.stderr)
         return status
     error = outcome.error
-    written = write_result_file(trace_path, result_file, args, error) if result_file is not None else None
+    cause = error.__cause__ if isinstance(error, SinkError) else error
+    written = None
+    if result_file is not None and not isinstance(cause, OSError):  # no result from a trace the OS cut
+        # A run that did not finish left its trace, and gets its result file, under the partial name.
+        source = trace_path if error is None else partial_path(trace_path)
+        target = result_file if error is None or args.result else result_path(source)
+        written = write_result_file(source, target, args, error) if source.exists() else None
     if error is not None:
         where = kept_events(trace_path)
-        cause = error.__cause__ if isinstance(error, SinkError) else error
         if isinstance(cause, OSError):  # disk full and the like: the OS's reason, not a plugin's bug
             print(f"kvprof: error: {cause}{'' if isinstance(cause, TraceWriteError) else where}", file=sys.stderr)
             return 1

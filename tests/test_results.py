@@ -87,11 +87,14 @@ def test_csvs_say_which_run_each_row_is_from(three_batches, tmp_path):
 def test_a_failed_run_gets_a_result_file_that_says_so(tmp_path, monkeypatch, capsys):
     from tests.test_cli import CrashingPlugin, trace_with_extra_plugin
 
+    from kvprof.trace import partial_path
+
     trace = tmp_path / "crash.arrow"
     status, _ = trace_with_extra_plugin(monkeypatch, capsys, CrashingPlugin(), "crasher",
                                         ["--plugin", "crashes", "-o", str(trace)])
     assert status == 1
-    failures = json.loads(trace.with_suffix(".json").read_text())["failures"]
+    # beside the trace it describes, under the partial name: a previous run's result stays
+    failures = json.loads(partial_path(trace).with_suffix(".json").read_text())["failures"]
     assert failures["run_failed"] is True
     assert failures["error"] == "RuntimeError: boom inside the plugin"
 
