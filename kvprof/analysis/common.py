@@ -151,7 +151,8 @@ def floats(table: pa.Table, column: str) -> np.ndarray:
 
 
 def _as_floats(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(pc.cast(values, pa.float64()), np.nan).to_numpy()
+    # safe=False: an integer beyond 2**53 (a damaged schema-1.0 trace) rounds instead of raising
+    return pc.fill_null(pc.cast(values, pa.float64(), safe=False), np.nan).to_numpy()
 
 
 def ext_values(table: pa.Table, key: str) -> np.ndarray:

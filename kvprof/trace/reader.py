@@ -113,7 +113,7 @@ def read_trace(path: str | os.PathLike) -> Trace:
     if path.stat().st_size == 0:
         raise TraceError(f"{path}: empty file (the run wrote nothing)")
     data = pa.memory_map(str(path)).read_buffer()
-    head = data.slice(0, 8).to_pybytes()
+    head = data.slice(0, min(8, data.size)).to_pybytes()
     if head.startswith(PARQUET_MAGIC):
         trace = _read_parquet(path)
     elif head.startswith(ARROW_MAGIC):
@@ -137,6 +137,8 @@ class _Stream:
 
 
 def _read_ipc_file(path: Path, data: pa.Buffer) -> Trace:
+    if data.size <= 8:
+        raise TraceError(f"{path}: truncated inside its header (the run stopped before writing any event)")
     stream = _read_stream(path, data.slice(8))
     trace = _trace(path, stream, "arrow-file")
     trace.footer = _footer_state(data, len(stream.batches))
@@ -191,7 +193,7 @@ def _read_stream(path: Path, body: pa.Buffer) -> _Stream:
     try:
         reader = pa.ipc.open_stream(source)
     except ARROW_ERRORS as exc:
-        framed = body.slice(0, 4).to_pybytes() == CONTINUATION  # it did start as an IPC stream
+        framed = body.slice(0, min(4, body.size)).to_pybytes() == CONTINUATION  # it did start as an IPC stream
         if framed and source.tell() >= body.size:
             raise TraceError(f"{path}: truncated inside its header (the run stopped before writing any "
                              "event)") from None
@@ -222,6 +224,13 @@ def _trace(path: Path, stream: _Stream, file_format: str) -> Trace:
 
 def _check_metadata(path: Path, schema: pa.Schema) -> tuple[str, dict[str, Any]]:
     """The schema version and the run, after checking them and the columns."""
+    try:
+        return _checked_metadata(path, schema)
+    except UnicodeDecodeError:  # pyarrow decodes column names as it hands them out
+        raise TraceError(f"{path}: corrupt: the schema holds names that are not UTF-8") from None
+
+
+def _checked_metadata(path: Path, schema: pa.Schema) -> tuple[str, dict[str, Any]]:
     metadata = schema.metadata or {}
     if META_VERSION not in metadata:
         raise TraceError(f"{path}: an Arrow file, but not a kvprof trace (no {META_VERSION.decode()})")

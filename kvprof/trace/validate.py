@@ -36,7 +36,11 @@ def validate_trace(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         problems.append("no run metadata (kvprof:run)")
     if trace.damage:
         problems.append(trace.damage)
-    return problems, [warning for warning in trace.warnings if warning != trace.damage]
+    warnings = [warning for warning in trace.warnings if warning != trace.damage]
+    if trace.schema_version == "1.0":
+        warnings.append(f"{path}: schema 1.0 keeps no checksums: bytes changed on disk cannot be detected, "
+                        "only values out of range")
+    return problems, warnings
 
 
 def check_table(table: pa.Table) -> list[str]:
