@@ -24,6 +24,15 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a refusal said, by the first of these phrases its message holds.
+REASONS = ("metadata does not match its checksum", "does not match its checksum", "is inconsistent", "cannot be decoded", "truncated inside its header",
+           "not an Arrow IPC", "not MAJOR.MINOR", "newer than", "older than", "not a kvprof trace",
+           "not a readable kvprof", "not UTF-8", "is not JSON", "is not a JSON object", "has no requests",
+           "holds no events")
+
+
+def reason(detail: str) -> str:
+    return next((phrase for phrase in REASONS if phrase in detail), detail[-80:])
 
 
 def record_trace(path: Path) -> None:
@@ -103,6 +112,8 @@ def main() -> None:
     counts = Counter(record["outcome"] for record in records)
     summary = {"machine": "CPU", "source": description, "mutations": len(records), "seconds": round(seconds, 1),
                "counts": dict(sorted(counts.items())),
+               "refused_by_reason": dict(Counter(reason(r["detail"]) for r in records
+                                                 if r["outcome"] == "refused").most_common()),
                "by_kind": {kind: dict(Counter(r["outcome"] for r in records if r["kind"].startswith(kind)))
                            for kind in ("flips", "cut")}}
     print(json.dumps(summary, indent=1))
