@@ -27,11 +27,13 @@ from kvprof.profiler import Registry, SinkError, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
 from kvprof.trace.writer import TraceWriteError, partial_path
-from kvprof.workloads import WORKLOADS, WorkloadParams, WorkloadSpec
+from kvprof.workloads import QUESTION_MODES, WORKLOADS, WorkloadParams, WorkloadSpec
 
 DETAILS = ("step", "layer", "head")
 WORKLOAD_HELP = ("synthetic: random tokens of the exact prompt length; passkey: a number hidden at --depth; "
                  "facts: --num-facts facts at the start, then a question (retention)")
+QUESTION_HELP = ("passkey/facts: in_prompt ends the prompt with the question; after feeds it as a follow-up turn "
+                 "through the same cache, once the strategy has managed the context")
 DTYPE_HELP = "model dtype: bfloat16, float16 or float32; auto: bfloat16 on CUDA, float32 on CPU"
 
 
@@ -121,6 +123,7 @@ def _add_trace(commands: Any) -> None:
     p.add_argument("--depth", type=float, default=defaults.depth, help="passkey depth in [0, 1]")
     p.add_argument("--num-facts", type=int, default=defaults.num_facts, help="facts workload: facts in the context")
     p.add_argument("--rate", type=float, default=None, help="Poisson arrival rate, requests/s (serving engines)")
+    p.add_argument("--question", choices=QUESTION_MODES, default=defaults.question, help=QUESTION_HELP)
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option (repeatable)")
     p.add_argument("--output", "-o", default=None, help="trace path (default traces/<time>-<plugin>-<model>.arrow)")
     p.add_argument("--force", action="store_true",
@@ -207,7 +210,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     params = WorkloadParams(
         prompt_len=args.prompt_len, output_len=args.output_len, batch_size=args.batch_size,
         num_prompts=args.batch_size if args.num_prompts is None else args.num_prompts, depth=args.depth,
-        num_facts=args.num_facts, rate=args.rate, seed=args.seed,
+        num_facts=args.num_facts, rate=args.rate, seed=args.seed, question=args.question,
     )
     trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
     result_file = None if args.no_result or trace_path is None else Path(args.result or result_path(trace_path))

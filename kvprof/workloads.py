@@ -7,6 +7,12 @@
   every fact's token span is recorded, so retention analyses can ask whether those tokens were
   still cached when the question was asked.
 
+Probe workloads ask their question in one of two ways (`question`, recorded in the trace):
+`in_prompt` ends the prompt with it; `after` cuts the same tokens at the question, so the
+context is prefilled (and managed by the strategy) first and the question is fed afterwards
+through the same cache as a follow-up turn (`Request.followup_token_ids`), as in a chat. Both
+modes feed the same tokens at the same positions.
+
 Every workload may carry arrival times (a Poisson process at `rate` requests/s) for engines that
 serve concurrent requests; without a rate all requests arrive at time 0.
 
@@ -75,7 +81,7 @@ class Workload:
             "params": self.params,
             "requests": [
                 {"request_id": r.request_id, "prompt_tokens": len(r.prompt_token_ids),
-                 "max_new_tokens": r.max_new_tokens, "arrival_s": r.arrival_s,
+                 "followup_tokens": len(r.followup_token_ids), "max_new_tokens": r.max_new_tokens, "arrival_s": r.arrival_s,
                  "probe": asdict(r.probe) if r.probe else None}
                 for r in self.requests
             ],
@@ -93,6 +99,7 @@ class WorkloadParams:
     depth: float = 0.5             # passkey depth in [0, 1]
     num_facts: int = 4             # facts workload: facts at the start
     rate: float | None = None      # requests/s of the Poisson arrival process; None = all at 0
+    question: str = "in_prompt"    # probes: "in_prompt" | "after" (a follow-up turn, see the module doc)
     seed: int = 0
     vocab_size: int = 32000        # synthetic token ids are drawn below this
 
@@ -104,11 +111,15 @@ class WorkloadParams:
             raise UsageError(f"workload parameter depth={self.depth} must be in [0, 1]")
         if self.rate is not None and self.rate <= 0:
             raise UsageError(f"workload parameter rate={self.rate} must be positive")
+        if self.question not in QUESTION_MODES:
+            raise UsageError(f"workload parameter question={self.question!r}: choose one of {', '.join(QUESTION_MODES)}")
         if self.num_facts > len(FACTS):
             raise UsageError(f"workload parameter num_facts={self.num_facts}: at most {len(FACTS)}")
 
 
 WORKLOADS = ("synthetic", "passkey", "facts")
+PROBE_WORKLOADS = ("passkey", "facts")
+QUESTION_MODES = ("in_prompt", "after")
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,7 @@ class WorkloadSpec:
             # A random-weight model may have a smaller vocabulary than the tokenizer lent to it.
             for request in workload.requests:
                 request.prompt_token_ids = [t % vocab_size for t in request.prompt_token_ids]
+                request.followup_token_ids = [t % vocab_size for t in request.followup_token_ids]
         return workload
 
 
@@ -189,6 +201,12 @@ class _PromptBuilder:
         self.ids.extend(self.encode(text))
         return start, len(self.ids)
 
+    def request(self, request_id: str, question: str, mode: str, output_len: int, probe: Probe) -> Request:
+        """The request: the question ends the prompt (`in_prompt`) or is its follow-up (`after`)."""
+        start, _ = self.add(question)
+        ids, followup = (self.ids, []) if mode == "in_prompt" else (self.ids[:start], self.ids[start:])
+        return Request(request_id, ids, output_len, probe=probe, followup_token_ids=followup)
+
     def add_filler(self, count: int) -> None:
         unit = self.encode(FILLER)
         self.ids.extend((unit * (count // len(unit) + 1))[:count])
@@ -217,9 +235,8 @@ def _passkey(i: int, p: WorkloadParams, encode: Encode, chat: tuple[str, str], r
     prompt.add_filler(before)
     span = prompt.add(needle)
     prompt.add_filler(filler - before)
-    prompt.add(question)
     probe = Probe("passkey", key, [span], 0, p.depth)
-    return Request(f"req-{i}", prompt.ids, p.output_len, probe=probe)
+    return prompt.request(f"req-{i}", question, p.question, p.output_len, probe)
 
 
 def _facts(i: int, p: WorkloadParams, encode: Encode, chat: tuple[str, str], rng: random.Random) -> Request:
@@ -233,9 +250,8 @@ def _facts(i: int, p: WorkloadParams, encode: Encode, chat: tuple[str, str], rng
     prompt.add(intro)
     spans = [prompt.add(statement) for statement in statements]
     prompt.add_filler(_filler_budget(p, fixed))
-    prompt.add(question)
     probe = Probe("fact", chosen[asked][1], spans, asked)
-    return Request(f"req-{i}", prompt.ids, p.output_len, probe=probe)
+    return prompt.request(f"req-{i}", question, p.question, p.output_len, probe)
 
 
 def answer_is_correct(probe: dict[str, Any] | Probe, text: str) -> bool:

@@ -109,6 +109,7 @@ class _BatchState:
     dropped: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, n) positions
     spans: list[tuple[int, Any, Any]] = field(default_factory=list)  # (layer, start mark, end mark)
     layers_seen: set[int] = field(default_factory=set)
+    columns: int = 0                    # columns of the runner's slot mask already fed (prefill chunks)
 
     @property
     def kept(self) -> list[int]:
@@ -123,8 +124,6 @@ class H2OPolicy(CachePolicy):
     """Heavy hitters + recent window per layer and KV head; see the module docstring."""
 
     name = "h2o"
-
-    supports_followup = False
 
     def __init__(self, budget: Budget, exempt_layers: frozenset[int], previous_attention: str | None = None) -> None:
         self.budget = budget
@@ -157,16 +156,26 @@ class H2OPolicy(CachePolicy):
     def attention_mask(self, batch: Batch, cache: Any) -> torch.Tensor | None:
         """Prepares the forward about to run; masking itself is by position, in `attend`."""
         state = self.state
-        if batch.step < 0:
+        if batch.step < 0 and state.columns == 0:  # the prompt
             real = batch.attention_mask.bool()
             state.query_positions = torch.where(real, real.long().cumsum(-1) - 1, -1)
             state.held = list(batch.prompt_lens)
+        elif batch.step < 0:  # a follow-up chunk: scored and evicted like the prompt
+            real = batch.attention_mask[:, state.columns:].bool()
+            first = batch.next_positions.long()[:, None]
+            state.query_positions = torch.where(real, first + real.long().cumsum(-1) - 1, -1)
+            state.held = [kept + n for kept, n in zip(state.kept, real.sum(-1).tolist())]
         else:
             state.query_positions = batch.next_positions.long().unsqueeze(-1)
             state.held = [kept + 1 for kept in state.kept]
         state.dropped.clear()
         state.spans.clear()
+        state.columns = batch.attention_mask.shape[1]
         return None
+
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        if batch.attention_mask.shape[1] > tokens:  # a follow-up chunk (the prompt's reports in after_prefill)
+            self._report(batch, cache)
 
     def after_prefill(self, batch: Batch, cache: Any) -> None:
         missing = sorted(set(range(self.num_layers)) - self.state.layers_seen)

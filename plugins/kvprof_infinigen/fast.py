@@ -156,10 +156,12 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
                scaling: float) -> torch.Tensor:
         if self.decoding or layer < FULL_LAYERS:
             return super().attend(layer, query, keys, values, scaling)
-        if self.settings.partial_columns == "prefill":
+        if self.settings.partial_columns == "prefill" and self.filled == 0:
+            # From the prompt's queries only: a follow-up turn (the question) is scored with the
+            # columns chosen before it was seen.
             self.partial_skew[layer].copy_(prefill_partial_skew(self.skew[layer], query, self.partial_width))
         partial = torch.einsum("bknd,kdc->bknc", keys, self.partial_skew[layer])
-        self.partial_keys[layer][:, :, :keys.shape[-2]].copy_(partial)
+        self.partial_keys[layer][:, :, self.filled:self.filled + keys.shape[-2]].copy_(partial)
         return super().attend(layer, query, keys, values, scaling)
 
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:

@@ -61,7 +61,12 @@ class InfiniGenStrategy(TransformersStrategy):
         return StaticInfiniGenPolicy(access, skew, settings, graphs=options.get("graphs", True))
 
     def policy_metadata(self, policy: CachePolicy) -> dict:
-        return {"infinigen_calibration": policy.skew_data.meta,
+        """Calibration, engine, and the KV budget in the form the analyses read (`kv_budget`):
+        the fetch cap, a fraction of each sequence or a count of tokens."""
+        settings = policy.settings
+        budget = ({"fraction": None, "tokens": settings.max_num_kv} if settings.max_num_kv
+                  else {"fraction": settings.budget, "tokens": None})
+        return {"kv_budget": budget, "infinigen_calibration": policy.skew_data.meta,
                 "engine": "eager" if type(policy).__name__ == "InfiniGenPolicy" else "static",
                 "cuda_graphs": bool(getattr(policy, "graphs", False))}
 

@@ -335,7 +335,6 @@ class StaticOffloadPolicy(StaticPolicy):
     """
 
     name = "offload"
-    supports_followup = False
     FULL_FETCH_LAYERS: int | None = None  # None: every layer is fetched whole
     COLUMNS = 6  # per layer in the step log: fetch start, fetch end, wait start, spec start, spec end, count
 
@@ -424,16 +423,21 @@ class StaticOffloadPolicy(StaticPolicy):
                scaling: float) -> torch.Tensor:
         if self.decoding:
             return self.attend_decode(layer, query, keys, values, scaling)
-        if self.filled:
-            raise UsageError(f"{self.name}: this policy cannot take a follow-up turn (--question after)")
         clock = self.runner.clock
         start = clock.mark()
-        self.host.store_chunk(layer, 0, keys, values)
+        first, end = self.filled, self.filled + keys.shape[-2]
+        self.host.store_chunk(layer, first, keys, values)
         self.stores.append((layer, start, clock.mark()))
-        valid = None if self.key_valid is None else self.key_valid[:, :keys.shape[-2]]
-        return prefill_attention(query, keys, values, scaling, valid, 0)
+        valid = None if self.key_valid is None else self.key_valid[:, :end]
+        if first == 0:
+            return prefill_attention(query, keys, values, scaling, valid, 0)
+        # A follow-up chunk is a prefill: it attends over the whole stored layer (read from the host).
+        return prefill_attention(query, self.host.device_keys[layer][:, :, :end],
+                                 self.host.device_values[layer][:, :, :end], scaling, valid, first)
 
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        if self.filled:  # a follow-up chunk: its stores now (the prompt's are emitted in after_prefill)
+            self._emit_stores(batch, self.filled, tokens)
         valid = batch.attention_mask[:, self.filled:self.filled + tokens]
         view = self.mask[:, 0, 0, self.filled:self.filled + tokens]
         view.copy_(torch.where(valid.bool(), 0.0, float("-inf")).to(view.dtype))
@@ -442,17 +446,20 @@ class StaticOffloadPolicy(StaticPolicy):
         self.filled += tokens
 
     def after_prefill(self, batch: Batch, cache: Any) -> None:
-        """Prefill's stores as offload events (the prefill is over: resolving marks costs nothing)."""
+        self._emit_stores(batch, 0, batch.slots)
+
+    def _emit_stores(self, batch: Batch, first: int, tokens: int) -> None:
+        """A prefill chunk's stores (slots [first, first + tokens)) as offload events (the chunk
+        is over: resolving marks costs nothing)."""
         profiler = self.runner.profiler
         stores, self.stores = self.stores, []
         if not profiler.enabled:
             return
         clock, detail = self.runner.clock, self.runner.detail
         spans = [(layer, clock.resolve(s), clock.resolve(e)) for layer, s, e in stores]
-        host_bytes = self.num_layers * batch.slots * self.host.token_bytes
+        host_bytes = self.num_layers * (first + tokens) * self.host.token_bytes
         common = {"src_medium": Medium.DEVICE.value, "dst_medium": Medium.HOST.value,
                   "kv_device_bytes": self.device_kv_bytes(), "kv_host_bytes": host_bytes}
-        tokens = batch.slots
         if detail == "step":
             profiler.emit_offload(spans[0][1], spans[-1][2], batch_size=batch.size, tokens=tokens * len(spans),
                                   bytes=len(spans) * tokens * self.host.token_bytes,
@@ -461,7 +468,7 @@ class StaticOffloadPolicy(StaticPolicy):
             return
         for layer, start, end in spans:
             if detail == "head":
-                self._emit_store_per_request(layer, start, end, None, range(tokens), batch, common)
+                self._emit_store_per_request(layer, start, end, None, range(first, first + tokens), batch, common)
             else:
                 profiler.emit_offload(start, end, layer=layer, batch_size=batch.size, tokens=tokens,
                                       bytes=tokens * self.host.token_bytes,

@@ -387,13 +387,17 @@ class Runner:
         if not self.profiler.enabled:  # overhead baseline: no measuring work at all
             return next_ids
         kv = self.policy.kv_bytes(cache)
-        for chunk_start, chunk_end, lens in chunks:
+        for chunk, (chunk_start, chunk_end, lens) in enumerate(chunks):
             for row, request in enumerate(batch.requests):
+                # A follow-up chunk says so; its prompt_tokens count the prompt and the follow-up.
+                ext = {"prompt_tokens": float(batch.prompt_lens[row] + (lens[row] if chunk else 0)),
+                       "pad_tokens": float(batch.pad_lens[row])}
+                if chunk:
+                    ext["followup"] = 1.0
                 self.profiler.emit_prefill(
                     chunk_start, chunk_end, request_id=request.request_id, tokens=lens[row],
                     batch_size=batch.size, kv_device_bytes=kv.device, kv_host_bytes=kv.host,
-                    aux_device_bytes=kv.aux_device,
-                    ext={"prompt_tokens": float(batch.prompt_lens[row]), "pad_tokens": float(batch.pad_lens[row])},
+                    aux_device_bytes=kv.aux_device, ext=ext,
                 )
         self._sample(end)
         return next_ids
@@ -562,7 +566,7 @@ class Runner:
             self.profiler.emit_request_end(
                 batch.arrival_ns[row], batch.finished_ns[row] or self.clock.now(), request_id=request.request_id,
                 tokens=len(batch.outputs[row]), text=text,
-                ext={"prompt_tokens": float(batch.prompt_lens[row]),
+                ext={"prompt_tokens": float(batch.prompt_lens[row] + len(request.followup_token_ids)),
                      "queued_ns": float(batch.start_ns - batch.arrival_ns[row])},
             )
 

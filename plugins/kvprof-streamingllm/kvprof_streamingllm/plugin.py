@@ -37,9 +37,22 @@ class StreamingLLMPolicy(CachePolicy):
         self.budget = sink_tokens + recent_tokens
         self.positions: torch.Tensor | None = None  # (batch, slots): true position of each slot
 
+    def new_cache(self, batch: Batch) -> Any:
+        self.positions = None
+        return super().new_cache(batch)
+
+    def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
+        """Track the chunk's positions; a follow-up chunk (the prompt was cut already) is cut too."""
+        chunk = batch.attention_mask[:, -tokens:]
+        if self.positions is None:
+            self.positions = torch.where(chunk.bool(), chunk.cumsum(-1) - 1, PADDING)
+            return
+        first = batch.next_positions[:, None]  # the runner advances it after this hook
+        self.positions = torch.cat([self.positions, torch.where(chunk.bool(), first + chunk.cumsum(-1) - 1, PADDING)],
+                                   dim=-1)
+        self._evict(batch, cache)
+
     def after_prefill(self, batch: Batch, cache: Any) -> None:
-        mask = batch.attention_mask
-        self.positions = torch.where(mask.bool(), mask.cumsum(-1) - 1, PADDING)
         self._evict(batch, cache)
 
     def after_step(self, batch: Batch, cache: Any) -> None:
@@ -69,6 +82,8 @@ class StreamingLLMPolicy(CachePolicy):
 
     def _report(self, batch: Batch, start: int, end: int, dropped: list[list[int]], slot_bytes: int) -> None:
         profiler = self.runner.profiler
+        if not profiler.enabled:
+            return
         step = batch.step if batch.step >= 0 else None  # None: the cut right after prefill
         profiler.emit_phase(Phase.EVICTION.value, start, end, step=step)
         for request, positions in zip(batch.requests, dropped):
@@ -102,6 +117,10 @@ class StreamingLLMStrategy(TransformersStrategy):
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
         return StreamingLLMPolicy(options["sink_tokens"], options["recent_tokens"])
+
+    def policy_metadata(self, policy: CachePolicy) -> dict:
+        """The KV budget in the form the analyses read: a fixed number of tokens."""
+        return {"kv_budget": {"fraction": None, "tokens": policy.budget}}
 
     def describe_deviations(self) -> list[str]:
         return [
