@@ -284,6 +284,14 @@ def _float_list(text: str) -> list[float]:
     return [float(value) for value in text.split(",")]
 
 
+def _question_list(text: str) -> list[str]:
+    modes = [value.strip() for value in text.split(",")]
+    unknown = [mode for mode in modes if mode not in QUESTION_MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: choose from {', '.join(QUESTION_MODES)}")
+    return modes
+
+
 def _add_sweep(commands: Any) -> None:
     p = commands.add_parser("sweep", help="run a grid of traces and draw the study's figures")
     p.add_argument("--plugin", "-p", action="append", required=True, help="strategy (repeatable)")
@@ -299,7 +307,15 @@ def _add_sweep(commands: Any) -> None:
     p.add_argument("--output-len", type=_int_list, default=str(defaults.output_len),
                    help="output lengths in tokens, comma-separated")
     p.add_argument("--rate", type=_float_list, default=None, help="request rates (requests/s), comma-separated")
-    p.add_argument("--depth", type=float, default=defaults.depth, help="passkey depth in [0, 1]")
+    p.add_argument("--num-prompts", type=_int_list, default=None,
+                   help="prompts per point, comma-separated (default: one batch; passkey/facts: "
+                        "20, at least one batch)")
+    p.add_argument("--depth", type=_float_list, default=str(defaults.depth),
+                   help="passkey depths in [0, 1], comma-separated")
+    p.add_argument("--num-facts", type=_int_list, default=str(defaults.num_facts),
+                   help="facts workload: facts in the context, comma-separated")
+    p.add_argument("--question", type=_question_list, default=defaults.question,
+                   help=f"probe question modes, comma-separated ({QUESTION_HELP})")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed strategy option, for the plugins that take it (repeatable)")
     p.add_argument("--opt-grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -319,14 +335,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from kvprof import sweep
 
     axes: dict[str, list[Any]] = {"prompt_len": args.prompt_len, "batch_size": args.batch_size,
-                                  "output_len": args.output_len}
+                                  "output_len": args.output_len, "depth": args.depth,
+                                  "num_facts": args.num_facts, "question": args.question}
     if args.rate:
         axes["rate"] = args.rate
-    base = WorkloadParams(depth=args.depth, seed=args.seed)
+    if args.num_prompts:
+        axes["num_prompts"] = args.num_prompts
+    base = WorkloadParams(seed=args.seed)
     # A fixed option is a grid axis of one value: it too applies only to plugins that take it.
     option_grid = {key: [value] for key, value in parse_key_values(args.opt).items()}
     option_grid.update(sweep.parse_grid(args.opt_grid))
-    points = sweep.plan(args.plugin, base, axes, option_grid)
+    points = sweep.plan(args.plugin, base, axes, option_grid, args.workload)
     for point in points:
         WorkloadSpec(args.workload, point.params).validate()
     settings = TraceSettings(plugin=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
@@ -360,7 +379,8 @@ def print_plan(points: list[Any], folder: Path, repeats: int) -> None:
         params = point.params
         rate = f" rate={params.rate:g}" if params.rate is not None else ""
         print(f"{'exists ' if done else 'to run '} {point.plugin} {options + ' ' if options else ''}"
-              f"prompt={params.prompt_len} batch={params.batch_size} output={params.output_len}{rate}  {path}")
+              f"prompt={params.prompt_len} batch={params.batch_size} output={params.output_len}{rate} "
+              f"prompts={params.num_prompts}  {path}")
     print(f"sweep --dry-run: {len(runs)} runs ({len(points)} points x {repeats} repeats), "
           f"{todo} to run, {len(runs) - todo} traced already in {folder}")
 

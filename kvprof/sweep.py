@@ -1,12 +1,17 @@
 """`kvprof sweep`: a grid of runs (strategies by prompt length, batch size, output length, KV
-budget, request rate), one trace per point, and the study's figures drawn from them.
+budget, request rate, and for the probe workloads prompts per point, passkey depth, fact count and
+question mode), one trace per point, and the study's figures drawn from them.
 
-A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>].arrow`,
-with its result file (`.json`, see kvprof.analysis.results) beside it. A run writes its trace
-under the partial name until it finishes (kvprof.trace.writer), so a point is done exactly when
-its trace is complete: a resumed sweep skips those and runs every other point again (killed,
-interrupted, failed, or an old trace that is truncated). Points that fail are reported and
-left out of the figures; the sweep goes on with the next.
+A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>]` plus
+`-n<prompts>` when they are not one batch, `-d<depth>`, `-f<facts>`, `-q<question>` when not the
+defaults, then `.arrow`, with its result file (`.json`, see kvprof.analysis.results) beside it. A
+run writes its trace under the partial name until it finishes (kvprof.trace.writer), so a point is
+done exactly when its trace is complete: a resumed sweep skips those and runs every other point
+again (killed, interrupted, failed, or an old trace that is truncated). Points that fail are
+reported and left out of the figures; the sweep goes on with the next.
+
+Probe workloads (passkey, facts) measure accuracy, so a point runs `PROBES_PER_POINT` prompts
+unless `num_prompts` is given; other workloads run one batch per point.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from kvprof.profiler import Registry, get_plugin_manager
 from kvprof.session import TraceSettings, run_trace
 from kvprof.strategy import UsageError
 from kvprof.trace import TraceError, partial_path, read_trace
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
+
+PROBES_PER_POINT = 20  # an accuracy from fewer prompts has an interval too wide to draw a figure from
+DEFAULTS = WorkloadParams()
+# Workload parameters named in a trace's file name when not their default: (name, letter).
+NAMED_WHEN_SET = (("depth", "d"), ("num_facts", "f"), ("question", "q"))
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,12 @@ class SweepPoint:
                  f"p{self.params.prompt_len}", f"b{self.params.batch_size}", f"o{self.params.output_len}"]
         if self.params.rate is not None:
             parts.append(f"r{self.params.rate:g}")
+        if self.params.num_prompts != self.params.batch_size:
+            parts.append(f"n{self.params.num_prompts}")
+        for name, letter in NAMED_WHEN_SET:
+            value = getattr(self.params, name)
+            if value != getattr(DEFAULTS, name):
+                parts.append(f"{letter}{value:g}" if isinstance(value, float) else f"{letter}{value}")
         return "-".join(parts) + ".arrow"
 
 
@@ -52,8 +68,10 @@ def parse_grid(values: list[str]) -> dict[str, list[str]]:
 
 
 def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
-         option_grid: dict[str, list[str]]) -> list[SweepPoint]:
-    """Every point of the grid. An option axis applies only to the plugins that declare it."""
+         option_grid: dict[str, list[str]], workload: str = "synthetic") -> list[SweepPoint]:
+    """Every point of the grid. An option axis applies only to the plugins that declare it.
+    Without a `num_prompts` axis a point runs one batch, or, for a probe workload,
+    `PROBES_PER_POINT` prompts (at least one batch)."""
     registry = Registry.collect(get_plugin_manager())
     unused = set(option_grid)
     points = []
@@ -64,8 +82,9 @@ def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
         for values in itertools.product(*(option_grid[key] for key in keys)):
             for workload_values in itertools.product(*axes.values()):
                 changes = dict(zip(axes, workload_values))
-                if "batch_size" in changes:
-                    changes["num_prompts"] = changes["batch_size"]
+                if "num_prompts" not in changes:
+                    batch = changes.get("batch_size", base.batch_size)
+                    changes["num_prompts"] = max(batch, PROBES_PER_POINT) if workload in PROBE_WORKLOADS else batch
                 points.append(SweepPoint(plugin, tuple(zip(keys, values)), replace(base, **changes)))
     if unused:
         raise UsageError(f"--opt-grid {', '.join(sorted(unused))}: no swept plugin takes this option")

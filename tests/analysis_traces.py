@@ -26,9 +26,11 @@ MS = 1_000_000  # nanoseconds
 
 def run_info(plugin: str = "full", options: dict | None = None, requests: list[dict] | None = None,
              workload: str = "synthetic", params: dict | None = None, layers: int = 2, kv_heads: int = 2,
-             weights_bytes: int | None = 100_000_000) -> dict[str, Any]:
+             weights_bytes: int | None = 100_000_000, kv_budget: dict | None = None) -> dict[str, Any]:
     """Run metadata shaped like RunInfo.to_dict(), with only what analyses read."""
-    extra = {"num_layers": layers}
+    extra: dict[str, Any] = {"num_layers": layers}
+    if kv_budget is not None:
+        extra["kv_budget"] = kv_budget
     if weights_bytes is not None:
         extra["weights_bytes"] = weights_bytes
     return {
@@ -106,9 +108,11 @@ def passkey_requests(answers: tuple[str, ...] = ("12345", "54321")) -> list[dict
 
 
 def retention_events(texts: tuple[str, str], evictions: bool = True) -> list[Event]:
-    """Two passkey requests answered with `texts`. With `evictions`, req-0 loses, by its question
-    time (11 ms), per (layer, head) of its span [10, 20): L0H0 {10,11,12,19}, L0H1 {15,19},
-    L1H0 {19}, L1H1 {10,11,19}; the evictions after 11 ms or outside the span do not count."""
+    """Two passkey requests answered with `texts` (req-0: 3 tokens, req-1: 2). With `evictions`,
+    req-0's prefill (the forward of its first answer token) evicts, per (layer, head) of its span
+    [10, 20): L0H0 {10,11,12,19}, L0H1 {15,19}, L1H0 {19}, L1H1 {10,11,19} (and positions outside
+    the span); decode step 0 (the forward of its second answer token) evicts L0H0 {13,14},
+    L0H1 {16}, which its third token no longer sees."""
     events = [
         ev(Kind.RUN_START, 0),
         ev(Kind.PREFILL, 1, 11, request_id="req-0", tokens=100, batch_size=2, ext={"prompt_tokens": 100.0}),
@@ -124,16 +128,18 @@ def retention_events(texts: tuple[str, str], evictions: bool = True) -> list[Eve
         ]
     events += [ev(Kind.DECODE_STEP, 11, 15, step=0, batch_size=2, tokens=2)]
     if evictions:
-        events += [ev(Kind.EVICT, 12, request_id="req-0", layer=0, tokens=3, positions=[[13, 14], [16]])]
+        events += [ev(Kind.EVICT, 12, request_id="req-0", step=0, layer=0, tokens=3, positions=[[13, 14], [16]])]
     events += [
-        ev(Kind.REQUEST_END, 1, 15, request_id="req-0", tokens=2, text=texts[0]),
         ev(Kind.REQUEST_END, 1, 15, request_id="req-1", tokens=2, text=texts[1]),
-        ev(Kind.RUN_END, 16),
+        ev(Kind.DECODE_STEP, 15, 16, step=1, batch_size=1, tokens=1),
+        ev(Kind.REQUEST_END, 1, 16, request_id="req-0", tokens=3, text=texts[0]),
+        ev(Kind.RUN_END, 17),
     ]
     return events
 
 
 def retention_trace(path: Path, plugin: str, texts: tuple[str, str], options: dict | None = None,
-                    evictions: bool = True) -> Path:
-    run = run_info(plugin=plugin, options=options, workload="passkey", requests=passkey_requests())
+                    evictions: bool = True, kv_budget: dict | None = None) -> Path:
+    run = run_info(plugin=plugin, options=options, workload="passkey", requests=passkey_requests(),
+                   kv_budget=kv_budget)
     return write_trace(path, retention_events(texts, evictions), run)

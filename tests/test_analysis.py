@@ -14,7 +14,7 @@ from kvprof.analysis import analyze
 from kvprof.analysis.breakdown import breakdown
 from kvprof.analysis.common import Events, NotApplicable
 from kvprof.analysis.compare import check_same_schema, check_same_workload, compare
-from kvprof.analysis.retention import kv_budget, retention
+from kvprof.analysis.retention import kv_budget, retention, wilson_interval
 from kvprof.analysis.summary import (
     context_tokens_in_flight, decode_steps, finished_requests, inter_token_latencies_ns, summary,
 )
@@ -184,7 +184,7 @@ def test_memory_breakdown_without_allocator_has_no_workspace(tmp_path):
 @pytest.fixture
 def h2o_and_full(tmp_path) -> tuple[Trace, Trace]:
     h2o = retention_trace(tmp_path / "h2o.arrow", "h2o", ("The pass key is 12345.", "no idea"),
-                          {"heavy_ratio": 0.1, "recent_ratio": 0.1})
+                          {"heavy_ratio": 0.1, "recent_ratio": 0.1}, kv_budget={"fraction": 0.2, "tokens": None})
     full = retention_trace(tmp_path / "full.arrow", "full", ("12345", "54321"), evictions=False)
     return read_trace(h2o), read_trace(full)
 
@@ -192,25 +192,75 @@ def h2o_and_full(tmp_path) -> tuple[Trace, Trace]:
 def test_accuracy_and_ratio_to_full(h2o_and_full):
     h2o, full = h2o_and_full
     result = retention(h2o, baseline=full)
-    assert result["overall"] == {"requests": 2, "correct": 1, "accuracy": 0.5, "baseline_accuracy": 1.0, "ratio": 0.5}
-    assert result["accuracy"] == [{"kind": "passkey", "context_tokens": 100, "depth": 0.1, "budget": pytest.approx(0.2),
-                                   "requests": 2, "correct": 1, "accuracy": 0.5, "baseline_accuracy": 1.0,
-                                   "ratio": 0.5}]
+    half = pytest.approx((0.0945, 0.9055), abs=1e-4)  # Wilson, 1 of 2 at 95 %
+    assert result["overall"] == {"requests": 2, "correct": 1, "accuracy": 0.5, "interval_95": half,
+                                 "baseline_accuracy": 1.0, "ratio": 0.5}
+    assert result["accuracy"] == [{"kind": "passkey", "context_tokens": 100, "depth": 0.1, "question": "in_prompt",
+                                   "budget": pytest.approx(0.2), "requests": 2, "correct": 1, "accuracy": 0.5,
+                                   "interval_95": half, "baseline_accuracy": 1.0, "ratio": 0.5}]
     assert retention(h2o)["overall"]["ratio"] is None  # no baseline given: no ratio
     assert retention(full)["baseline"] == "self"
+    assert retention(full)["budget"] is None and retention(full)["coverage"] is None
 
 
-def test_token_survival_per_layer_and_head(h2o_and_full):
+def test_wilson_interval_matches_the_textbook_values():
+    assert wilson_interval(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson_interval(10, 20) == pytest.approx((0.2993, 0.7007), abs=1e-4)
+    assert wilson_interval(20, 20) == pytest.approx((0.8389, 1.0), abs=1e-4)
+    assert wilson_interval(0, 0) is None
+
+
+def test_token_survival_per_answer_token_layer_and_head(h2o_and_full):
     h2o, full = h2o_and_full
     survival = retention(h2o)["survival"]
     spans = {s["request_id"]: s for s in survival["spans"]}
-    # Span [10, 20), 10 tokens; gone by 11 ms: L0H0 {10,11,12,19}, L0H1 {15,19}, L1H0 {19}, L1H1 {10,11,19}.
-    layer_0, layer_1 = spans["req-0"]["per_layer_head"]
-    assert (layer_0, layer_1) == (pytest.approx([0.6, 0.8]), pytest.approx([0.9, 0.7]))
-    assert (spans["req-0"]["mean"], spans["req-0"]["min"]) == pytest.approx((0.75, 0.6))
-    assert spans["req-1"]["mean"] == 1.0
-    assert survival["asked_mean_per_layer"] == pytest.approx([0.85, 0.9])
+    # Span [10, 20), 10 tokens. Token 0 saw everything (evictions follow attention); token 1 lost the
+    # prefill's evictions (L0H0 0.6, L0H1 0.8, L1H0 0.9, L1H1 0.7); token 2 also step 0's (L0H0 0.4, L0H1 0.7).
+    req_0 = spans["req-0"]
+    assert req_0["per_answer_token"] == pytest.approx([1.0, 0.75, 0.675])
+    assert (req_0["first_token"], req_0["last_token"], req_0["min"]) == pytest.approx((1.0, 0.675, 0.4))
+    layer_0, layer_1 = req_0["per_layer_head"]  # mean over the answer tokens
+    assert (layer_0, layer_1) == (pytest.approx([2.0 / 3, 2.5 / 3]), pytest.approx([2.8 / 3, 0.8]))
+    assert req_0["mean"] == pytest.approx(2.425 / 3)
+    assert spans["req-1"]["mean"] == 1.0 and spans["req-1"]["answer_tokens"] == 2
+    assert survival["asked_mean"] == pytest.approx((2.425 / 3 + 1.0) / 2)
+    assert survival["asked_first_token"] == 1.0
     assert retention(full)["survival"]["asked_mean"] == 1.0
+
+
+def test_fetched_coverage_on_a_hand_built_trace(tmp_path):
+    """req-0's span [10, 20) over 2 layers x 2 KV heads. Step 0 (its 2nd token): layer 0 fetched
+    whole, layer 1 head 0 half the span, head 1 none of it; step 1 (3rd token): layer 1 head 0
+    all, head 1 half (one event per layer: a list per head). Its 1st token came from the prefill."""
+    fetch = {"src_medium": "host", "dst_medium": "device"}
+    events = [
+        ev(Kind.RUN_START, 0),
+        ev(Kind.PREFILL, 1, 11, request_id="req-0", tokens=100, ext={"prompt_tokens": 100.0}),
+        ev(Kind.OFFLOAD, 11, 12, step=0, layer=0, tokens=101, **fetch),
+        ev(Kind.OFFLOAD, 12, 13, step=0, request_id="req-0", layer=1, kv_head=0, tokens=7,
+           positions=[[3, 10, 11, 12, 13, 14, 50]], ext={"speculated": 1.0}, **fetch),
+        ev(Kind.OFFLOAD, 12, 13, step=0, request_id="req-0", layer=1, kv_head=1, tokens=1, positions=[[60]],
+           ext={"speculated": 1.0}, **fetch),
+        ev(Kind.DECODE_STEP, 11, 14, step=0, batch_size=1, tokens=1),
+        ev(Kind.OFFLOAD, 14, 15, step=1, layer=0, tokens=102, **fetch),
+        ev(Kind.OFFLOAD, 15, 16, step=1, request_id="req-0", layer=1, tokens=15,
+           positions=[list(range(10, 20)), [15, 16, 17, 18, 19]], ext={"speculated": 1.0}, **fetch),
+        ev(Kind.DECODE_STEP, 14, 17, step=1, batch_size=1, tokens=1),
+        ev(Kind.REQUEST_END, 1, 17, request_id="req-0", tokens=3, text="12345"),
+        ev(Kind.RUN_END, 18),
+    ]
+    run = run_info(plugin="infinigen", workload="passkey", requests=passkey_requests(("12345",)))
+    coverage = retention(read_trace(write_trace(tmp_path / "ig.arrow", events, run)))["coverage"]
+    (span,) = coverage["spans"]
+    assert coverage["available"] and span["per_answer_token"] == pytest.approx([1.0, 0.625, 0.875])
+    layer_0, layer_1 = span["per_layer_head"]  # mean over the answer tokens
+    assert (layer_0, layer_1) == (pytest.approx([1.0, 1.0]), pytest.approx([2.5 / 3, 0.5]))
+    assert coverage["asked_mean"] == pytest.approx(2.5 / 3) and coverage["asked_last_token"] == pytest.approx(0.875)
+    # Speculated fetches without positions (below --detail head) cannot say what was fetched.
+    unnamed = [e for e in events if e.kind != Kind.OFFLOAD or e.positions is None] + [
+        ev(Kind.OFFLOAD, 12, 13, step=0, layer=1, tokens=8, ext={"speculated": 1.0}, **fetch)]
+    trace = read_trace(write_trace(tmp_path / "unnamed.arrow", sorted(unnamed, key=lambda e: e.start_ns), run))
+    assert retention(trace)["coverage"]["available"] is False
 
 
 def test_retention_needs_probes(batch):
@@ -230,15 +280,16 @@ def test_baseline_must_have_run_the_same_prompts(tmp_path, h2o_and_full):
         retention(h2o, baseline=baseline)
 
 
-def test_kv_budget_rules():
-    assert kv_budget({"plugin": "h2o", "options": {"heavy_ratio": 0.1, "recent_ratio": 0.05}}) == pytest.approx(0.15)
-    assert kv_budget({"plugin": "h2o", "options": {"heavy_ratio": 0.1, "recent_ratio": 0.1, "heavy_tokens": 64},
-                      "workload": {"params": {"prompt_len": 256}}}) == pytest.approx(0.35)
-    assert kv_budget({"plugin": "infinigen", "options": {"max_num_kv": 64, "budget": 0.2},
-                      "workload": {"params": {"prompt_len": 256}}}) == 0.25
-    assert kv_budget({"plugin": "infinigen", "options": {"max_num_kv": 0, "budget": 0.2}}) == 0.2
-    assert kv_budget({"plugin": "full", "options": {}}) == 1.0
-    assert kv_budget({"plugin": "someone-elses", "options": {"window": 8}}) is None
+def test_kv_budget_is_what_the_strategy_declared():
+    def run(declared: dict | None, prompt_len: int = 256) -> dict:
+        return {"extra": {} if declared is None else {"kv_budget": declared},
+                "workload": {"params": {"prompt_len": prompt_len}}}
+
+    assert kv_budget(run({"fraction": 0.15, "tokens": None})) == pytest.approx(0.15)
+    assert kv_budget(run({"fraction": 0.2, "tokens": 64})) == pytest.approx(0.45)
+    assert kv_budget(run({"fraction": None, "tokens": 64})) == 0.25
+    assert kv_budget(run({"fraction": None, "tokens": 1024})) == 1.0
+    assert kv_budget(run(None)) is None  # full and strategies that declare nothing: no budget
 
 
 # --- compare --------------------------------------------------------------------------------

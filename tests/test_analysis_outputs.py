@@ -105,7 +105,7 @@ def test_compare_command(tmp_path, capsys):
     rows = {row["key"]: row for row in json.loads(out)["comparison"]["rows"]}
     assert status == 0
     assert rows["accuracy"]["values"] == [1.0, 0.5] and rows["accuracy_ratio"]["values"] == [1.0, 0.5]
-    assert rows["survival"]["ratios"] == pytest.approx([1.0, 0.875])
+    assert rows["survival"]["ratios"] == pytest.approx([1.0, (2.425 / 3 + 1.0) / 2])
     status, out, _ = run_cli(capsys, "compare", full, h2o, "--baseline", h2o)
     assert status == 0 and "Comparison" in out and "Ratio to h2o" in out
 
@@ -281,6 +281,8 @@ def test_accuracy_against_budget_is_drawn_from_probe_runs(tmp_path):
     runs = [analyze(read_trace(retention_trace(tmp_path / f"{name}.arrow", name, texts, options)))
             for name, texts, options in (("full", ("12345", "54321"), {}),
                                          ("h2o", ("12345", "no"), {"heavy_ratio": 0.1, "recent_ratio": 0.1}))]
+    runs[1] = analyze(read_trace(retention_trace(tmp_path / "h2o-declared.arrow", "h2o", ("12345", "no"),
+                                                 kv_budget={"fraction": 0.2, "tokens": None})))
     assert "accuracy_vs_budget" in {p.stem for p in draw_figures(runs, tmp_path / "figs")}
 
 

@@ -20,6 +20,17 @@ def test_option_axes_apply_only_to_plugins_that_take_them():
     assert "h2o-heavy_ratio=0.2-p128-b2-o32.arrow" in names and len(names) == 12
 
 
+def test_probe_workloads_run_twenty_prompts_per_point_and_sweep_their_own_axes():
+    axes = {"batch_size": [1, 32], "depth": [0.1, 0.9], "question": ["in_prompt", "after"]}
+    points = plan(["full"], WorkloadParams(), axes, {}, workload="passkey")
+    assert len(points) == 8
+    assert {(p.params.batch_size, p.params.num_prompts) for p in points} == {(1, 20), (32, 32)}
+    assert "full-p512-b1-o32-n20-d0.1-qafter.arrow" in {p.file_name() for p in points}
+    chosen = plan(["full"], WorkloadParams(), {"num_prompts": [5], "num_facts": [2]}, {}, workload="facts")
+    assert [p.file_name() for p in chosen] == ["full-p512-b1-o32-n5-f2.arrow"]
+    assert plan(["full"], WorkloadParams(), {"batch_size": [4]}, {})[0].params.num_prompts == 4  # synthetic
+
+
 def test_an_option_no_plugin_takes_is_refused():
     with pytest.raises(UsageError, match="alpha"):
         plan(["full"], WorkloadParams(), {"prompt_len": [64]}, parse_grid(["alpha=1,2"]))
@@ -27,12 +38,12 @@ def test_an_option_no_plugin_takes_is_refused():
 
 def test_sweep_runs_resumes_and_draws(tmp_path, capsys):
     args = ["sweep", "-p", "full", "-p", "h2o", "--model", "tiny-llama", "--weights", "random",
-            "--workload", "passkey", "--prompt-len", "96,160", "--output-len", "3",
+            "--workload", "passkey", "--prompt-len", "96,160", "--output-len", "3", "--num-prompts", "2",
             "--opt", "recent_ratio=0.2", "-o", str(tmp_path)]
     assert cli.main(args) == 0
     traces = sorted(tmp_path.glob("*.arrow"))
     assert len(traces) == 4
-    h2o = read_trace(tmp_path / "h2o-recent_ratio=0.2-p160-b1-o3.arrow")
+    h2o = read_trace(tmp_path / "h2o-recent_ratio=0.2-p160-b1-o3-n2.arrow")
     assert h2o.run["options"]["recent_ratio"] == 0.2 and h2o.run["workload"]["params"]["prompt_len"] == 160
     assert {path.with_suffix(".json").is_file() for path in traces} == {True}  # a result file per point
     figures = {path.name for path in (tmp_path / "figures").glob("*.png")}

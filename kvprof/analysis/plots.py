@@ -9,7 +9,8 @@ ticks:
     throughput_vs_batch_size   decode throughput and memory efficiency against batch_size
     e2e_vs_batch_size          median end-to-end latency against batch_size
     decode_time_vs_output_len  median request decode time (E2E - TTFT) against output_len
-    accuracy_vs_budget         retention accuracy against the KV budget, one line per plugin
+    accuracy_vs_budget         Figure 8: retention accuracy against the KV budget each strategy declared,
+                               one line per strategy, full as the reference, 95 % Wilson intervals
     latency_breakdown          stacked bars: time per phase, per run
     memory_breakdown           stacked bars: memory per component at the peak, per run
 
@@ -29,7 +30,6 @@ import numpy as np
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import MEMORY_COMPONENTS, PHASE_LABELS
 from kvprof.analysis.common import nested_number, strategy_labels, workload_param
-from kvprof.analysis.retention import kv_budget
 from kvprof.strategy import UsageError
 
 PHASE_COLORS = {"prefill": "#4c72b0", "decode_compute": "#55a868", "speculation": "#8172b2",
@@ -69,7 +69,7 @@ def _series(runs: list[RunAnalysis], x_param: str, *y_keys: str,
                and len({workload_param(run.trace, name) for run in runs}) > 1]
     points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        x = workload_param(run.trace, x_param) if x_param != "budget" else kv_budget(run.trace.run or {})
+        x = workload_param(run.trace, x_param)
         y = nested_number(run.results, *y_keys)
         if x is not None and y is not None:
             name = " ".join([strategy_of(run)] + [f"{SWEEP_PARAMS[p]}={workload_param(run.trace, p)}" for p in varying])
@@ -116,9 +116,11 @@ def ttft_vs_prompt_length(plt: Any, runs: list[RunAnalysis]) -> Any:
 def throughput_vs_batch_size(plt: Any, runs: list[RunAnalysis]) -> Any:
     throughput = _series(runs, "batch_size", "summary", "throughput_tokens_per_s", "decode")
     efficiency = _series(runs, "batch_size", "summary", "kv_per_token", "memory_efficiency_tokens_per_gb")
+    total = _series(runs, "batch_size", "summary", "kv_per_token", "memory_efficiency_total_tokens_per_gb")
     return _sweep_figure(plt, [
         (throughput, "batch size", "decode throughput (tokens/s)", "decode throughput"),
-        (efficiency, "batch size", "context tokens per GB of device KV", "memory efficiency"),
+        (efficiency, "batch size", "context tokens per GB of device KV", "memory efficiency, device KV"),
+        (total, "batch size", "context tokens per GB of device + host KV", "memory efficiency, total KV"),
     ], "Decode throughput and memory efficiency against batch size")
 
 
@@ -135,18 +137,87 @@ def decode_time_vs_output_len(plt: Any, runs: list[RunAnalysis]) -> Any:
 
 
 def accuracy_vs_budget(plt: Any, runs: list[RunAnalysis]) -> Any:
+    """Figure 8 from analyzed runs: one panel per probe workload, context length and question mode."""
+    points = []
+    for run in runs:
+        retention = run.results.get("retention")
+        if not retention:
+            continue
+        params = ((run.trace.run or {}).get("workload") or {}).get("params") or {}
+        panel = f"{(run.trace.run.get('workload') or {}).get('name')}, {params.get('prompt_len')} tokens, " \
+                f"question {retention.get('question', 'in_prompt')}"
+        points.append({"panel": panel, "strategy": run.trace.run.get("plugin") or run.label,
+                       "budget": retention["budget"], "correct": retention["overall"]["correct"],
+                       "judged": retention["overall"]["requests"]})
+    return retention_figure(points, "Retention accuracy against KV budget", plt)
+
+
+def retention_figure(points: list[dict[str, Any]], title: str, plt: Any = None) -> Any:
+    """Figure 8: answer accuracy against the KV budget with 95 % Wilson intervals, one line per
+    strategy that declares a budget, `full` (no budget: it keeps everything) as the reference band.
+
+    `points`: dicts with panel (a title), strategy, budget (fraction of the prompt; None for the
+    reference), correct and judged (probe counts; runs at one budget are pooled). None when no
+    panel has a budgeted strategy with two budgets, or one budget and a reference."""
+    from kvprof.analysis.retention import wilson_interval
+
+    plt = plt or _pyplot()
+    pooled: dict[str, dict[tuple[str, float | None], list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for point in points:
+        if point["budget"] is None and point["strategy"] != "full":
+            continue  # a strategy without a declared budget has no place on this axis
+        counts = pooled[point["panel"]][(point["strategy"], point["budget"])]
+        counts[0] += point["correct"]
+        counts[1] += point["judged"]
+    panels = {name: lines for name, lines in pooled.items() if _drawable(lines)}
+    if not panels:
+        return None
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 4.2 * rows), squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, sorted(panels.items())):
+        _accuracy_panel(ax, lines, wilson_interval)
+        ax.set_title(name, fontsize="medium")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _drawable(lines: dict[tuple[str, float | None], list[int]]) -> bool:
+    budgets: dict[str, set[float]] = defaultdict(set)
+    for strategy, budget in lines:
+        if budget is not None:
+            budgets[strategy].add(budget)
+    reference = any(budget is None for _, budget in lines)
+    return any(len(values) >= 2 or (values and reference) for values in budgets.values())
+
+
+def _accuracy_panel(ax: Any, lines: dict[tuple[str, float | None], list[int]], interval: Callable) -> None:
     from matplotlib.ticker import PercentFormatter
 
-    series = _series(runs, "budget", "retention", "overall", "accuracy",
-                     strategy_of=lambda run: (run.trace.run or {}).get("plugin") or run.label)
-    fig = _sweep_figure(plt, [(series, "KV budget (fraction of the prompt)", "answer accuracy", "")],
-                        "Retention accuracy against KV budget")
-    if fig is not None:  # an accuracy is a share: the whole 0-100 % range, whatever the values
-        ax = fig.axes[0]
-        ax.set_ylim(-0.03, 1.03)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        fig.tight_layout()
-    return fig
+    judged_lines = {key: counts for key, counts in lines.items() if counts[1] > 0}
+    for (strategy, budget), (correct, judged) in judged_lines.items():
+        if budget is None:  # the reference: its accuracy and interval across the whole axis
+            low, high = interval(correct, judged)
+            ax.axhline(correct / judged, color="black", linestyle="--", label=f"{strategy} (reference)")
+            ax.axhspan(low, high, color="black", alpha=0.08)
+    for index, strategy in enumerate(sorted({s for s, b in judged_lines if b is not None})):
+        chosen = sorted((b, c) for (s, b), c in judged_lines.items() if s == strategy and b is not None)
+        xs = np.array([b for b, _ in chosen])
+        ys = np.array([c / n for _, (c, n) in chosen])
+        bounds = np.array([interval(c, n) for _, (c, n) in chosen])
+        ax.errorbar(xs, ys, yerr=[ys - bounds[:, 0], bounds[:, 1] - ys], marker="o", capsize=3,
+                    color=f"C{index}", label=strategy)
+    ax.set_xlabel("KV budget (fraction of the prompt)")
+    ax.set_ylabel("answer accuracy (95 % Wilson interval)")
+    ax.set_ylim(-0.03, 1.03)  # an accuracy is a share: the whole 0-100 % range, whatever the values
+    ax.set_xlim(0.0, 1.05)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
 
 
 def _stacked_bars(ax: Any, labels: list[str], stacks: list[dict[str, float]], order: list[str],

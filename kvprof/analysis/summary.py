@@ -21,7 +21,8 @@ host-monotonic nanosecond timestamps; "arrival" is request_end.start_ns.
 * KV bytes per token = median over decode steps of (KV bytes on device + host after the step)
           / context tokens in flight (prompt + tokens fed so far, of every request in the step)
 * memory efficiency = median over decode steps of context tokens in flight / GB (1e9 bytes) of
-          KV on the device: how many tokens of context each GB of device KV serves
+          KV on the device: how many tokens of context each GB of device KV serves; and the same
+          per GB of total KV (device + host), so strategies that park KV on the host do not look free
 * transfer bandwidth = bytes copied / time the copies took, per direction (offload events time
           the copy itself)
 
@@ -67,7 +68,7 @@ FORMULAS: dict[str, str] = {
     "kv_bytes_per_token": "KV bytes per token = median over decode steps of KV bytes (device + host) "
                           "/ context tokens in flight",
     "memory_efficiency": "memory efficiency = median over decode steps of context tokens in flight "
-                         "/ GB (1e9 B) of device KV",
+                         "/ GB (1e9 B) of device KV; total: / GB of device + host KV",
     "bandwidth": "transfer bandwidth = bytes copied / time of the copies, per direction",
     "goodput": "goodput = finished requests meeting every --slo bound (TTFT, TPOT, E2E in ms) / (last request "
                "end - first arrival)",
@@ -391,11 +392,16 @@ def _kv_per_token(requests: Requests, steps: DecodeSteps) -> dict[str, float | N
         per_token = kv_total[usable] / context[usable]
         on_device = steps.kv_device_bytes[usable]
         efficiency = np.where(on_device > 0, context[usable] / (on_device / 1e9), np.nan)
+        total_efficiency = np.where(kv_total[usable] > 0, context[usable] / (kv_total[usable] / 1e9), np.nan)
     return {
         "kv_bytes_per_token": maybe(np.median(per_token)) if per_token.size else None,
-        "memory_efficiency_tokens_per_gb": maybe(np.nanmedian(efficiency))
-        if efficiency.size and not np.isnan(efficiency).all() else None,
+        "memory_efficiency_tokens_per_gb": _nan_median(efficiency),
+        "memory_efficiency_total_tokens_per_gb": _nan_median(total_efficiency),
     }
+
+
+def _nan_median(values: np.ndarray) -> float | None:
+    return maybe(np.nanmedian(values)) if values.size and not np.isnan(values).all() else None
 
 
 def _evictions(events: Events) -> dict[str, Any]:

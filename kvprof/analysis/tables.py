@@ -128,7 +128,8 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
             rows.append([f"KV {tier.replace('_', ' ')}, final", Q(values["final"], "bytes")])
     per_token = result["kv_per_token"]
     rows.append(["KV bytes per token", Q(per_token["kv_bytes_per_token"], "bytes")])
-    rows.append(["memory efficiency", Q(per_token["memory_efficiency_tokens_per_gb"], "tokens/GB")])
+    rows.append(["memory efficiency (device KV)", Q(per_token["memory_efficiency_tokens_per_gb"], "tokens/GB")])
+    rows.append(["memory efficiency (total KV)", Q(per_token["memory_efficiency_total_tokens_per_gb"], "tokens/GB")])
     evictions = result["evictions"]
     if evictions["events"]:
         rows.append(["evict events", evictions["events"]])

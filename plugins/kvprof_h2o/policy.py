@@ -15,7 +15,7 @@ runner's 2-D slot mask is not used (`attention_mask` returns None).
 Events, after each forward: an EVICTION phase per layer (the score update and the eviction; at
 detail "step" one per step carrying their summed duration), and an evict event per layer and
 request with the evicted positions per KV head (detail "head": one per KV head; "step": one per
-request, totals only). `step` is None for the eviction at the end of prefill.
+request and forward, with num_layers x kv_heads position lists, layer-major). `step` is None for the eviction at the end of prefill.
 """
 
 from __future__ import annotations
@@ -277,11 +277,18 @@ class H2OPolicy(CachePolicy):
             per_layer = [(layer, [sorted(p for p in head if p >= 0) for head in dropped[i][row]])
                          for i, layer in enumerate(layers)]
             if detail == "step":
+                # Every layer's and KV head's positions, layer-major (num_layers x kv_heads lists),
+                # so token survival needs no finer detail.
                 tokens = sum(len(head) for _, heads in per_layer for head in heads)
                 freed = sum(len(head) * entry_bytes[layer] for layer, heads in per_layer for head in heads)
                 start = min(spans[layer][0] for layer in layers)
                 end = max(spans[layer][1] for layer in layers)
-                profiler.emit_evict(start, end, tokens=tokens, bytes=freed, ext=ext | {"layers": float(len(layers))},
+                kv_heads = len(per_layer[0][1])
+                by_layer = dict(per_layer)
+                positions = [head for layer in range(self.num_layers)
+                             for head in by_layer.get(layer, [[] for _ in range(kv_heads)])]
+                profiler.emit_evict(start, end, tokens=tokens, bytes=freed, positions=positions,
+                                    ext=ext | {"layers": float(self.num_layers), "kv_heads": float(kv_heads)},
                                     **common)
                 continue
             for layer, heads in per_layer:
