@@ -84,14 +84,12 @@ def run(args: argparse.Namespace, only: list[tuple] | None = None) -> None:
     todo = only or points(args)
     for number, (kind, context, question, plugin, options) in enumerate(todo, 1):
         path = trace_path(args.traces, kind, context, question, plugin, options)
-        if path.exists():
+        if path.exists():  # the trace is renamed to its path once its run finished
             continue
         started = time.perf_counter()
-        partial = path.with_suffix(".partial")
         detail = "head" if plugin == "infinigen" else "layer"  # head: InfiniGen's fetched positions
         run_strategy(registry, plugin, spec, loaded, options, workload(kind, context, question, args.probes,
-                                                                      args.output_len), partial, detail=detail)
-        partial.rename(path)
+                                                                      args.output_len), path, detail=detail)
         print(f"[{number}/{len(todo)}] {path.name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
