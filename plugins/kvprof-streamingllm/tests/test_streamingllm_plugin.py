@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from kvprof.cli import main
 from kvprof.trace import read_trace
 from kvprof.workloads import WorkloadParams
@@ -81,5 +83,8 @@ def test_cli_trace_and_analyze(tmp_path: Path, capsys) -> None:
     steps = output_len - 1
     evicted = results["summary"]["evictions"]["by_reason"]["streamingllm"]["tokens"]
     assert evicted == 2 * (prompt_len - (SINKS + RECENT) + steps)
-    # The pass key sits mid-prompt: neither a sink nor recent, so none of it survives.
-    assert results["retention"]["survival"]["asked_mean"] == 0.0
+    # The pass key sits mid-prompt: neither a sink nor recent. The first answer token was computed
+    # before the cut (the question is in the prompt); none of the key is left for the other five.
+    survival = results["retention"]["survival"]
+    assert (survival["asked_first_token"], survival["asked_last_token"]) == (1.0, 0.0)
+    assert survival["asked_mean"] == pytest.approx(1 / output_len)
