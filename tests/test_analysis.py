@@ -103,8 +103,8 @@ def test_memory_kv_evictions_and_transfers(batch):
     assert transfers["prefetch"]["events"] == 1
     assert result["run"]["duration_s"] == pytest.approx(0.030)
     assert result["run"]["profiler_cost_share"] == pytest.approx(0.1)
-    assert result["requests"] == {"finished": 2, "planned": None, "failed": None, "prompt_tokens": 180,
-                                  "output_tokens": 7}
+    assert result["requests"] == {"finished": 2, "planned": None, "failed": None, "unfinished_with_first_token": 0,
+                                  "prompt_tokens": 180, "output_tokens": 7}
 
 
 def test_a_run_of_one_token_has_no_decode_figures(tmp_path):

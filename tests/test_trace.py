@@ -273,6 +273,7 @@ def test_sigkill_mid_decode_leaves_a_readable_trace(tmp_path):
     assert trace.truncated and "truncated" in trace.warnings[0]
     assert len(trace.of_kind("decode_step")) >= 20
     assert len(trace.of_kind("run_end")) == 0
+    assert_first_token_kept(trace)
     problems, _ = validate_trace(partial_path(path))
     assert len(problems) == 1 and "truncated" in problems[0]
 
@@ -293,6 +294,17 @@ def test_sigterm_and_sigint_close_the_trace(tmp_path, signum, status, word):
         assert reader.read_all()["kind"].to_pylist()[-1] == "run_end"
     trace = read_trace(partial_path(path))
     assert not trace.truncated and "failed" in trace.warnings[0]
+    assert_first_token_kept(trace)
+
+
+def assert_first_token_kept(trace) -> None:
+    """The request never finished, but it had its first token: TTFT counts it."""
+    from kvprof.analysis import analyze
+
+    summary = analyze(trace, only=["summary"]).results["summary"]
+    assert summary["requests"]["finished"] == 0 and summary["requests"]["unfinished_with_first_token"] == 1
+    assert summary["requests"]["failed"] == 1
+    assert summary["latency_ms"]["ttft"]["count"] == 1 and summary["latency_ms"]["ttft"]["max"] > 0
 
 
 def _decode_steps(path: Path) -> int:

@@ -7,6 +7,8 @@ host-monotonic nanosecond timestamps; "arrival" is request_end.start_ns.
 * TTFT  = end of the request's last prefill chunk - arrival. Queueing is included: a batch
           runner's requests all arrive when the run starts, so a request of the third batch
           counts the two batches before it (as a client sending them all at once would see)
+          A request that got its first token but never finished (an interrupted or killed run)
+          has no request_end: its arrival is its prefill's start_ns - ext["queued_ns"]
 * queue = start of the request's first prefill chunk - arrival (waiting for a batch slot)
 * E2E   = request_end.end_ns - arrival
 * TPOT  = (E2E - TTFT) / (output tokens - 1), per request with at least 2 output tokens
@@ -55,7 +57,8 @@ from kvprof.trace import Trace
 
 FORMULAS: dict[str, str] = {
     "ttft": "TTFT = end of the request's last prefill chunk - arrival (request_end.start_ns); queueing "
-            "included (a batch runner's requests all arrive at the run's start)",
+            "included (a batch runner's requests all arrive at the run's start); requests that never finished "
+            "count with arrival = prefill start_ns - ext queued_ns",
     "queue": "queue = start of the request's first prefill chunk - arrival",
     "e2e": "E2E = request_end.end_ns - arrival",
     "tpot": "TPOT = (E2E - TTFT) / (output tokens - 1), requests with >= 2 output tokens",
@@ -212,6 +215,7 @@ def summary(trace: Trace, warmup_steps: int = 0, percentiles: tuple[float, ...] 
         raise UsageError(f"--warmup-steps {warmup_steps}: must not be negative")
     events = Events.of(trace)
     requests = finished_requests(events)
+    unfinished_ttft = unfinished_first_tokens(events, requests)
     steps = decode_steps(events, warmup_steps)
     if len(requests) == 0 and len(steps.end_ns) == 0 and events.count("prefill") == 0:
         raise UsageError(f"{trace.path}: the trace has no requests (no prefill, decode_step or request_end events)")
@@ -219,8 +223,8 @@ def summary(trace: Trace, warmup_steps: int = 0, percentiles: tuple[float, ...] 
         "formulas": FORMULAS,
         "warmup_steps": warmup_steps,
         "percentiles": list(percentiles),
-        "requests": _request_counts(trace, requests),
-        "latency_ms": _latencies(requests, steps, percentiles),
+        "requests": _request_counts(trace, requests, unfinished_ttft),
+        "latency_ms": _latencies(requests, steps, percentiles, unfinished_ttft),
         "throughput_tokens_per_s": _throughput(requests, steps),
         "decode": _decode_totals(steps),
         "memory_peak_bytes": _memory_peaks(events),
@@ -235,11 +239,29 @@ def summary(trace: Trace, warmup_steps: int = 0, percentiles: tuple[float, ...] 
     return result
 
 
-def _request_counts(trace: Trace, requests: Requests) -> dict[str, int | None]:
+def unfinished_first_tokens(events: Events, finished: Requests) -> np.ndarray:
+    """TTFT (ns) of each request with a first token but no request_end (the run was interrupted
+    or killed), where its prefill says how long it queued; NaN where it does not."""
+    prefills = events.of_kind("prefill", ["request_id", "start_ns", "end_ns", "ext"])
+    recompute = pc.fill_null(pc.map_lookup(prefills["ext"], "recompute", "first"), 0.0)
+    prefills = prefills.filter(pc.and_(pc.not_equal(recompute, 1.0),
+                                       pc.invert(pc.is_in(prefills["request_id"], pa.array(finished.ids, pa.string())))))
+    if prefills.num_rows == 0:
+        return np.array([], dtype=np.float64)
+    arrival = pc.subtract(pc.cast(prefills["start_ns"], pa.float64()),
+                          pc.map_lookup(prefills["ext"], "queued_ns", "first"))
+    per_request = pa.table({"request_id": prefills["request_id"], "arrival_ns": arrival,
+                            "first_token_ns": pc.cast(prefills["end_ns"], pa.float64())}).group_by("request_id").aggregate(
+        [("arrival_ns", "min"), ("first_token_ns", "max")])
+    return floats(per_request, "first_token_ns_max") - floats(per_request, "arrival_ns_min")
+
+
+def _request_counts(trace: Trace, requests: Requests, unfinished_ttft: np.ndarray) -> dict[str, int | None]:
     planned = len(((trace.run or {}).get("workload") or {}).get("requests") or []) or None
     return {
         "finished": len(requests), "planned": planned,
         "failed": planned - len(requests) if planned is not None else None,  # planned but never finished
+        "unfinished_with_first_token": len(unfinished_ttft),  # an interrupted or killed run's
         "prompt_tokens": int(requests.prompt_tokens.sum()), "output_tokens": int(requests.output_tokens.sum()),
     }
 
@@ -262,10 +284,11 @@ class RequestLatencies:
         return cls(queue=requests.prefill_start_ns - requests.arrival_ns, ttft=ttft, e2e=e2e, tpot=tpot)
 
 
-def _latencies(requests: Requests, steps: DecodeSteps, percentiles: tuple[float, ...]) -> dict[str, dict]:
+def _latencies(requests: Requests, steps: DecodeSteps, percentiles: tuple[float, ...],
+               unfinished_ttft: np.ndarray) -> dict[str, dict]:
     latency = RequestLatencies.of(requests)
     return {
-        "ttft": distribution(latency.ttft, NS_PER_MS, percentiles),
+        "ttft": distribution(np.concatenate([latency.ttft, unfinished_ttft]), NS_PER_MS, percentiles),
         "queue": distribution(latency.queue, NS_PER_MS, percentiles),
         "tpot": distribution(latency.tpot, NS_PER_MS, percentiles),
         "itl": distribution(inter_token_latencies_ns(requests, steps), NS_PER_MS, percentiles),

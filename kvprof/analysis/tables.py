@@ -105,6 +105,8 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
     if requests["planned"] is not None:
         rows.append(["requests planned", requests["planned"]])
         rows.append(["requests failed (planned, not finished)", requests.get("failed")])
+    if requests.get("unfinished_with_first_token"):
+        rows.append(["requests never finished, with a first token (in TTFT)", requests["unfinished_with_first_token"]])
     goodput = result.get("goodput")
     if goodput:
         bounds = ", ".join(f"{name.upper()} <= {bound:g} ms" for name, bound in goodput["slo_ms"].items())

@@ -391,7 +391,9 @@ class Runner:
             for row, request in enumerate(batch.requests):
                 # A follow-up chunk says so; its prompt_tokens count the prompt and the follow-up.
                 ext = {"prompt_tokens": float(batch.prompt_lens[row] + (lens[row] if chunk else 0)),
-                       "pad_tokens": float(batch.pad_lens[row])}
+                       "pad_tokens": float(batch.pad_lens[row]),
+                       # arrival = start_ns - queued_ns, for a request the run never finishes
+                       "queued_ns": float(chunk_start - batch.arrival_ns[row])}
                 if chunk:
                     ext["followup"] = 1.0
                 self.profiler.emit_prefill(
