@@ -329,6 +329,7 @@ def test_compare_refuses_different_schema_versions(batch):
     older = Trace(batch.path.with_name("old.arrow"), batch.table, batch.run, "0.9")
     with pytest.raises(UsageError, match="different schema versions"):
         check_same_schema([batch, older])
+    check_same_schema([batch, Trace(batch.path.with_name("1.0.arrow"), batch.table, batch.run, "1.0")])
 
 
 def test_the_built_in_analyses_are_registered_through_the_plugin_hook():

@@ -23,7 +23,9 @@ from kvprof.trace import Trace
 
 
 def check_same_schema(traces: list[Trace]) -> None:
-    versions = {trace.schema_version for trace in traces}
+    """Traces of one MAJOR schema version: minor versions read into the same table (1.0 and 1.1
+    differ only in how the file stores it)."""
+    versions = {trace.schema_version.split(".")[0] for trace in traces}
     if len(versions) > 1:
         listed = ", ".join(f"{trace.path} {trace.schema_version}" for trace in traces)
         raise UsageError(f"traces of different schema versions cannot be compared: {listed}")
