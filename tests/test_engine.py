@@ -7,6 +7,7 @@ import pytest
 from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
 from kvprof.strategy import UsageError
 from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof_transformers.offload import StaticOffloadPolicy
 from kvprof_transformers.runner import CachePolicy, Runner, StaticPolicy
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,19 @@ def test_static_engine_matches_eager_with_a_followup_turn_and_a_smaller_last_bat
     eager = Runner(smollm2, CachePolicy(), _silent()).run(requests, batch_size=2)
     static = Runner(smollm2, StaticPolicy(), _silent()).run(requests, batch_size=2)
     assert static == eager
+
+
+@pytest.mark.parametrize("policy", [StaticPolicy, StaticOffloadPolicy])
+@pytest.mark.parametrize("prompt_trim", [0, 5], ids=["equal-prompts", "padded-prompts"])
+def test_followups_of_unequal_lengths_in_one_batch_give_the_tokens_of_one_at_a_time(smollm2, policy, prompt_trim):
+    # The facts workload's `after` mode: each row's question (its follow-up) has its own length.
+    requests = _passkey_requests(smollm2, 160, 3, trim=prompt_trim)
+    for request, cut in zip(requests, (12, 9, 15)):
+        request.followup_token_ids = request.prompt_token_ids[-cut:]
+        request.prompt_token_ids = request.prompt_token_ids[:-cut]
+    one_at_a_time = Runner(smollm2, CachePolicy(), _silent()).run(requests, batch_size=1)
+    batched = Runner(smollm2, policy(), _silent()).run(requests, batch_size=3)
+    assert batched == one_at_a_time
 
 
 def test_kv_bytes_are_slot_arithmetic_that_agrees_with_the_eager_tensors(smollm2):

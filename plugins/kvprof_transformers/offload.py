@@ -441,8 +441,6 @@ class StaticOffloadPolicy(StaticPolicy):
         valid = batch.attention_mask[:, self.filled:self.filled + tokens]
         view = self.mask[:, 0, 0, self.filled:self.filled + tokens]
         view.copy_(torch.where(valid.bool(), 0.0, float("-inf")).to(view.dtype))
-        if self.key_valid is not None or not bool(batch.attention_mask.all()):
-            self.key_valid = batch.attention_mask
         self.filled += tokens
 
     def after_prefill(self, batch: Batch, cache: Any) -> None:

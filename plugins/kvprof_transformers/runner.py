@@ -196,10 +196,15 @@ class StaticPolicy(CachePolicy):
         return prefill_attention(query, kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end], scaling,
                                  valid, first)
 
+    def attention_mask(self, batch: Batch, cache: Any) -> torch.Tensor | None:
+        # Before each prefill chunk: the real-token mask over the slots so far (a follow-up's
+        # padding included), or None while no slot is padding (the fused kernel stays on).
+        if not self.decoding and (self.key_valid is not None or not bool(batch.attention_mask.all())):
+            self.key_valid = batch.attention_mask
+        return super().attention_mask(batch, cache)
+
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
         self.kv.open_range(self.filled, batch.attention_mask[:, self.filled:self.filled + tokens])
-        if self.key_valid is not None or not bool(batch.attention_mask.all()):
-            self.key_valid = batch.attention_mask
         self.filled += tokens
 
     def new_cache_for_capture(self) -> None:
