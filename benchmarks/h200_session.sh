@@ -5,12 +5,26 @@
 #   part engine     ~2 min: the fast engine against the harness, overhead, offload (engine_gpu.py)
 #   part h2o        ~3 min: H2O fast vs eager check, the prefill-mass kernels, b1 and b16 (h2o_gpu.py)
 #   part infinigen  ~5 min: InfiniGen, offload (both modes, both engines) at 8K and 32K, b1 and b8
+#   part weights    moves the carried parts of SmolLM2's real weights (.device/weights/) to /tmp
+#   part retention  ~5 min: joins the weight parts and runs Figure 8's grid (retention_grid.py, cuda)
+#
+# SmolLM2's weights (269 MB) do not fit one call (64 MiB): `sh benchmarks/h200_session.sh pack` here
+# makes .device/weights/part-* (xz, under 56 MiB each) and their checksum; carry one part per call
+# and run `weights` in each, back to back (the machine keeps /tmp only while warm), then `retention`.
 #
 # Usage on the device machine, from the repository root (carry .device/kvcache, the tokenizer-only
 # cache made from ~/.cache/kvprof/models/smollm2-135m without model.safetensors):
 #   sh benchmarks/h200_session.sh engine h2o        (one call)
 #   sh benchmarks/h200_session.sh infinigen         (a second call)
 set -u
+WEIGHTS=/tmp/kvprof-weights
+if [ "${1:-}" = pack ]; then  # here, not on the device machine
+    source=${KVPROF_CACHE:-$HOME/.cache/kvprof}/models/smollm2-135m
+    mkdir -p .device/weights && rm -f .device/weights/*
+    xz -9 -T2 -c "$source/model.safetensors" | split -b 56M - .device/weights/part-
+    (cd "$source" && sha256sum model.safetensors) > .device/weights/sha256
+    ls -l .device/weights; exit 0
+fi
 : "${OUT:?set OUT to the folder that comes back}"
 export KVPROF_CACHE="${KVPROF_CACHE:-$PWD/.device/kvcache}" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
@@ -27,6 +41,19 @@ for part in "$@"; do
             python3 benchmarks/infinigen_gpu.py /tmp/kvprof-infinigen --eager-offload \
                 --configs 8192x1,32768x1,8192x8,32768x8 > "$OUT/infinigen.log" 2>&1; rc=$?
             cp /tmp/kvprof-infinigen/figures.json "$OUT/infinigen.json" ;;
+        weights)
+            mkdir -p $WEIGHTS && cp .device/weights/* $WEIGHTS/; rc=$?
+            ls -l $WEIGHTS ;;
+        retention)
+            cache=/tmp/kvprof-retention-cache; model=$cache/models/smollm2-135m
+            mkdir -p $model && cp .device/kvcache/models/smollm2-135m/* $model/ &&
+                cat $WEIGHTS/part-* | xz -d > $model/model.safetensors &&
+                (cd $model && sha256sum -c $WEIGHTS/sha256) || { echo "retention: weights incomplete"; exit 1; }
+            for action in run report; do
+                KVPROF_CACHE=$cache python3 benchmarks/retention_grid.py $action --device cuda --batch-size 20 \
+                    --traces /tmp/kvprof-retention
+            done > "$OUT/retention.log" 2>&1; rc=$?
+            cp benchmarks/results/h200-retention-grid.* "$OUT/" ;;
         *) echo "unknown part: $part" >&2; exit 2 ;;
     esac
     echo "$part: rc=$rc"

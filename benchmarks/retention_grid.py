@@ -5,9 +5,11 @@
     python benchmarks/retention_grid.py time     # time one h2o point (20 probes) before a full run
 
 Grid: passkey (depth 0.05) and facts (at the start of the context), 1024 and 2048 tokens, questions
-`in_prompt` and `after`, `--probes` (default 20) different prompts per point, batch 1; `full`, and
-`h2o` and `infinigen` at each budget. Points run most wanted first (`points`), so a run cut short
-still gives whole panels: a 2048-token prefill takes 25-40 s on the 2 shared cores. The budget follows benchmarks/grids/fig8_retention_vs_budget.sh:
+`in_prompt` and `after`, `--probes` (default 20) different prompts per point, batch 1 by default
+(`--batch-size`); `full`, and `h2o` and `infinigen` at each budget. Points run most wanted first
+(`points`), so a run cut short still gives whole panels: a 2048-token prefill takes 25-40 s on the 2
+shared cores. On the H200: `--device cuda --batch-size 20` (the weights travel as parts: see
+benchmarks/h200_session.sh, part `retention`). The budget follows benchmarks/grids/fig8_retention_vs_budget.sh:
 H2O's heavy + recent (recent fixed at 5 % of the prompt), InfiniGen's fetch cap (`budget`). The model
 is loaded once; each point is one in-process `kvprof trace` run (benchmarks/common.run_strategy) whose
 trace stays under --traces. Everything reported comes from the traces through kvprof's retention
@@ -30,8 +32,7 @@ import torch
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
 RESULTS = Path(__file__).parent / "results"
-MACHINE = "CPU, 2 cores"
-STEM = "cpu-retention-grid"
+MACHINES = {"cpu": ("CPU, 2 cores", "cpu-retention-grid"), "cuda": ("NVIDIA H200", "h200-retention-grid")}
 WORKLOADS = ("passkey", "facts")
 CONTEXTS = (1024, 2048)
 RECENT = 0.05  # H2O's recent window, a fraction of the prompt; heavy hitters take the rest of the budget
@@ -45,9 +46,9 @@ def strategies(budgets: list[float]) -> list[tuple[str, dict[str, str]]]:
     return runs
 
 
-def workload(kind: str, context: int, question: str, probes: int, output_len: int) -> WorkloadSpec:
+def workload(kind: str, context: int, question: str, probes: int, output_len: int, batch_size: int) -> WorkloadSpec:
     return WorkloadSpec(kind, WorkloadParams(prompt_len=context, output_len=output_len, num_prompts=probes,
-                                             batch_size=1, depth=0.05, num_facts=4, question=question))
+                                             batch_size=batch_size, depth=0.05, num_facts=4, question=question))
 
 
 def trace_path(folder: Path, kind: str, context: int, question: str, plugin: str, options: dict[str, str]) -> Path:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, only: list[tuple] | None = None) -> None:
     from kvprof_transformers.loading import load_model
 
     spec = resolve_model("smollm2-135m")
-    loaded = load_model(spec, "cpu")
+    loaded = load_model(spec, args.device, args.dtype)
     registry = Registry.collect(get_plugin_manager())
     args.traces.mkdir(parents=True, exist_ok=True)
     todo = only or points(args)
@@ -88,8 +89,11 @@ def run(args: argparse.Namespace, only: list[tuple] | None = None) -> None:
             continue
         started = time.perf_counter()
         detail = "head" if plugin == "infinigen" else "layer"  # head: InfiniGen's fetched positions
-        run_strategy(registry, plugin, spec, loaded, options, workload(kind, context, question, args.probes,
-                                                                      args.output_len), path, detail=detail)
+        # InfiniGen's speculation needs equal-length prompts in a batch: its probes run one at a time.
+        batch_size = 1 if plugin == "infinigen" else args.batch_size
+        run_strategy(registry, plugin, spec, loaded, options,
+                     workload(kind, context, question, args.probes, args.output_len, batch_size), path,
+                     detail=detail)
         print(f"[{number}/{len(todo)}] {path.name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -116,19 +120,21 @@ def report(args: argparse.Namespace) -> None:
                      "survival_first_token": survival.get("asked_first_token"),
                      "fetched_coverage": (result.get("coverage") or {}).get("asked_mean")})
     RESULTS.mkdir(exist_ok=True)
-    meta = {"machine": MACHINE, "model": "smollm2-135m (real weights, float32)", "probes_per_point": args.probes,
+    machine, stem = MACHINES[args.device]
+    meta = {"machine": machine, "model": f"smollm2-135m (real weights, {args.dtype})", "batch_size": args.batch_size,
+            "probes_per_point": args.probes,
             "output_len": args.output_len, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "h2o_recent_ratio": RECENT, "passkey_depth": 0.05}
-    (RESULTS / f"{STEM}.json").write_text(json.dumps({**meta, "points": rows}, indent=2) + "\n")
-    (RESULTS / f"{STEM}.md").write_text(table(rows, meta))
+    (RESULTS / f"{stem}.json").write_text(json.dumps({**meta, "points": rows}, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table(rows, meta))
     figure = retention_figure(
         [{"panel": f"{row['workload']}, {row['context']} tokens, question {row['question']}",
           "strategy": row["plugin"], "budget": row["budget"], "correct": row["correct"], "judged": row["probes"]}
          for row in rows],
-        f"Retention accuracy against KV budget (SmolLM2-135M, {MACHINE}, {args.probes} probes per point)")
+        f"Retention accuracy against KV budget (SmolLM2-135M, {machine}, {args.probes} probes per point)")
     if figure is not None:
-        figure.savefig(RESULTS / f"{STEM}.png", dpi=110)
-    print((RESULTS / f"{STEM}.md").read_text())
+        figure.savefig(RESULTS / f"{stem}.png", dpi=110)
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 def _report_order(point: tuple) -> tuple:
@@ -143,7 +149,8 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         return "-" if value is None else f"{value:.0%}"
 
     lines = [f"# Retention accuracy against KV budget ({meta['machine']})", "",
-             f"SmolLM2-135M, real weights; {meta['probes_per_point']} probes per point, batch 1, "
+             f"SmolLM2-135M, real weights ({meta['model']}); {meta['probes_per_point']} probes per point, "
+             f"batch {meta['batch_size']}, "
              f"{meta['output_len']} output tokens at most. Accuracy with its 95 % Wilson interval; survival: share "
              "of the asked fact's tokens cached, mean over layers, KV heads and answer steps (h2o); coverage: "
              "share of them fetched, same mean (infinigen).", "",
@@ -168,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                         default=[0.1, 0.5, 0.2, 1.0], help="in the order they run")
     parser.add_argument("--first-budgets", type=int, default=2,
                         help="budgets run for every mode and workload of a context before the others")
+    parser.add_argument("--device", choices=sorted(MACHINES), default="cpu",
+                        help="cpu (float32, this 2-core machine) or cuda (the H200 device machine)")
+    parser.add_argument("--dtype", default="float32", help="float32 keeps the CPU and GPU grids comparable")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="probes run together (rows are independent: each keeps its own cache)")
     parser.add_argument("--contexts", type=lambda text: [int(c) for c in text.split(",")], default=list(CONTEXTS))
     args = parser.parse_args(argv)
     if args.action == "time":
