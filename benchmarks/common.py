@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.plugins import Registry, load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.strategy import RunContext, parse_options
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel
@@ -23,7 +24,7 @@ def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, 
     run = RunInfo(plugin=name, model=spec.to_dict(), workload={"name": workload.name, "params": vars(workload.params)},
                   options=options, device=str(loaded.device), trace_path=str(trace_path) if trace_path else None,
                   sinks_enabled=trace_path is not None, seed=workload.params.seed, detail=detail)
-    profiler = Profiler(get_plugin_manager(), run)
+    profiler = Profiler(load_plugins().manager, run)
     context = RunContext(model=spec, workload=workload, options=options, profiler=profiler,
                          device=str(loaded.device), seed=workload.params.seed, detail=detail)
     error = None

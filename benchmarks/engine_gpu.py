@@ -36,7 +36,7 @@ from overhead import measure_overhead  # noqa: E402
 
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
-from kvprof.profiler import Registry, get_plugin_manager  # noqa: E402
+from kvprof.plugins import Registry, load_plugins  # noqa: E402
 from kvprof.trace import read_trace  # noqa: E402
 from kvprof_transformers.loading import load_model  # noqa: E402
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["device_copy_GBps"] = device_copy_bandwidth(device)
     figures["pinned_h2d_GBps"] = peak_copy_bandwidth(device, (256,) if not args.smoke else (1,))
     print(json.dumps({k: figures[k] for k in ("device", "load_s", "device_copy_GBps", "pinned_h2d_GBps")}), flush=True)
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     if "harness" not in skip and device == "cuda":
         figures["harness_vs_kvprof"] = []
         for batch in map(int, args.batches.split(",")):

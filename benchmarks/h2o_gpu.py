@@ -27,7 +27,7 @@ from common import run_strategy, synthetic  # noqa: E402
 
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
-from kvprof.profiler import Registry, get_plugin_manager  # noqa: E402
+from kvprof.plugins import Registry, load_plugins  # noqa: E402
 from kvprof.trace import read_trace  # noqa: E402
 from kvprof_transformers.loading import load_model  # noqa: E402
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.perf_counter()
     loaded = load_model(spec, device)
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     figures: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                "model": spec.name, "weights": "random", "dtype": str(loaded.dtype),
                                "prompt_len": prompt_len, "output_len": output_len,

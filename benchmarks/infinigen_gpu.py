@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from kvprof.models import resolve_model
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.plugins import Registry, load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.strategy import RunContext, parse_options
 from kvprof.trace import Trace, read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["triton_errors"] = {k: v for k, v in _TRITON.items() if k.endswith("_error")}
     print(json.dumps({k: figures[k] for k in ("device", "load_s", "peak_h2d_GBps")}), flush=True)
     out = args.out_dir / "figures.json"
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     if not args.no_checks and device == "cuda":
         figures["checks"] = gpu_checks(loaded, spec, registry, traces, infinigen_options)
         print("checks:", json.dumps(figures["checks"]), flush=True)
@@ -328,7 +329,7 @@ def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, 
     run = RunInfo(plugin=name, model=spec.to_dict(), workload={"name": workload.name, "params": vars(workload.params)},
                   options=options, device=str(loaded.device), trace_path=str(trace_path) if trace_path else None,
                   sinks_enabled=trace_path is not None, seed=workload.params.seed, detail=detail)
-    profiler = Profiler(get_plugin_manager(), run)
+    profiler = Profiler(load_plugins().manager, run)
     context = RunContext(model=spec, workload=workload, options=options, profiler=profiler,
                          device=str(loaded.device), seed=workload.params.seed, detail=detail)
     error = None

@@ -25,7 +25,7 @@ import torch
 
 from kvprof.analysis.retention import retention
 from kvprof.models import resolve_model
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof.trace import Trace, read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import load_model
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = resolve_model("smollm2-135m")
     loaded = load_model(spec, "cpu")
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     configs = [("full", {})] + [("infinigen", {"alpha": a, "budget": b})
                                 for a in args.alphas.split(",") for b in args.budgets.split(",")]
     results: list[dict[str, Any]] = []

@@ -42,7 +42,8 @@ def events_per_batch() -> int:
 
 def write(path: Path, target_events: int) -> tuple[int, float]:
     """Emit about `target_events` events into `path`; returns (events, seconds)."""
-    from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+    from kvprof.plugins import load_plugins
+    from kvprof.profiler import Profiler, RunInfo
     from kvprof.trace import ArrowTraceWriter
 
     batches = max(1, round(target_events / events_per_batch()))
@@ -58,7 +59,7 @@ def write(path: Path, target_events: int) -> tuple[int, float]:
                   "requests": requests},
         extra={"num_layers": LAYERS, "weights_bytes": 16_000_000_000}, trace_path=str(path),
     )
-    pm = get_plugin_manager(load_entry_points=False)
+    pm = load_plugins(entry_points=False).manager
     pm.register(ArrowTraceWriter(path, run.to_dict()))
     profiler = Profiler(pm, run)
     started = time.perf_counter()

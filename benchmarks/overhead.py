@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from kvprof.models import resolve_model
-from kvprof.profiler import Profiler, Registry, RunInfo, get_plugin_manager
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.strategy import RunContext, parse_options
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel, load_model
@@ -34,7 +35,7 @@ from kvprof_transformers.loading import LoadedModel, load_model
 
 def timed_run(loaded: LoadedModel, strategy: str, workload: WorkloadSpec, enabled: bool, trace_dir: Path) -> float:
     """Seconds of one run of `strategy` on the loaded model, profiler on (all sinks) or off."""
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     strategy_cls = registry.strategy(strategy)
     options = parse_options(strategy_cls.options, {})
     device = str(loaded.device)
@@ -42,7 +43,7 @@ def timed_run(loaded: LoadedModel, strategy: str, workload: WorkloadSpec, enable
                   options=options, device=device,
                   trace_path=str(trace_dir / f"{time.monotonic_ns()}.arrow") if enabled else None,
                   sinks_enabled=enabled)
-    profiler = Profiler(get_plugin_manager(), run, enabled=enabled)
+    profiler = Profiler(load_plugins().manager, run, enabled=enabled)
     context = RunContext(model=None, workload=workload, options=options, profiler=profiler, device=device)
     started = time.perf_counter()
     strategy_cls().run_loaded(context, loaded)

@@ -28,7 +28,8 @@ from typing import Callable
 
 from kvprof.cli import parse_key_values
 from kvprof.models import resolve_model
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
 from kvprof.workloads import WorkloadParams, WorkloadSpec
@@ -62,7 +63,7 @@ def main() -> None:
                             num_prompts=args.batch_size, batch_size=args.batch_size)
     spec = WorkloadSpec("synthetic", params)
     device = default_device()
-    pm = get_plugin_manager()
+    pm = load_plugins().manager
     # Tokens per second of wall time, and per second of this process's CPU time: vLLM runs in this
     # process, so the CPU figure is what the work cost, whatever else the machine is doing.
     per_wall_s: dict[str, list[float]] = {"plain": [], "kvprof": []}

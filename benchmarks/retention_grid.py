@@ -75,12 +75,12 @@ def run(args: argparse.Namespace, only: list[tuple] | None = None) -> None:
     from common import run_strategy
 
     from kvprof.models import resolve_model
-    from kvprof.profiler import Registry, get_plugin_manager
+    from kvprof.plugins import load_plugins
     from kvprof_transformers.loading import load_model
 
     spec = resolve_model("smollm2-135m")
     loaded = load_model(spec, args.device, args.dtype)
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     args.traces.mkdir(parents=True, exist_ok=True)
     todo = only or points(args)
     for number, (kind, context, question, plugin, options) in enumerate(todo, 1):

@@ -38,7 +38,8 @@ from kvprof.analysis.common import Events
 from kvprof.analysis.summary import finished_requests
 from kvprof.analysis.summary import summary as trace_summary
 from kvprof.models import ModelSpec, resolve_model
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
 from kvprof.trace import read_trace
@@ -105,7 +106,7 @@ class Bench:
 
     def __init__(self, model: ModelSpec, options: dict[str, Any], plain: Any, observed: Any, folder: Path) -> None:
         self.model, self.options, self.plain, self.observed, self.folder = model, options, plain, observed, folder
-        self.pm = get_plugin_manager()
+        self.pm = load_plugins().manager
         self.device = default_device()
 
     def requests(self, params: WorkloadParams) -> list[Any]:

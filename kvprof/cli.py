@@ -23,10 +23,11 @@ from kvprof.analysis.common import parse_percentiles
 from kvprof.analysis.results import result_path
 from kvprof.analysis.summary import parse_slo
 from kvprof.models import EMBEDDED, WEIGHTS
-from kvprof.profiler import Registry, SinkError, get_plugin_manager
+from kvprof.errors import SinkError, TraceWriteError
+from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.strategy import UsageError
-from kvprof.trace.writer import TraceWriteError, partial_path
+from kvprof.errors import UsageError
+from kvprof.trace.writer import partial_path
 from kvprof.workloads import QUESTION_MODES, WORKLOADS, WorkloadParams, WorkloadSpec
 
 DETAILS = ("step", "layer", "head")
@@ -395,11 +396,11 @@ def _add_plugins(commands: Any) -> None:
 
 
 def describe_plugins() -> list[dict[str, Any]]:
-    pm = get_plugin_manager()
-    registry = Registry.collect(pm)
+    plugins = load_plugins()
+    pm, registry = plugins.manager, plugins.registry
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
-        distribution, version = pm.kvprof_versions.get(name, (name, "?"))
+        distribution, version = plugins.versions.get(name, (name, "?"))
         strategies = sorted(s for s, p in registry.strategy_plugins.items() if p == name)
         rows.append({
             "name": name, "distribution": distribution, "version": version,
@@ -407,7 +408,7 @@ def describe_plugins() -> list[dict[str, Any]]:
             "strategies": strategies,
             "strategy_details": [describe_strategy(registry.strategies[s]) for s in strategies],
         })
-    for failure in pm.kvprof_failures:
+    for failure in plugins.failures:
         rows.append({"name": failure.name, "distribution": failure.distribution, "error": failure.error})
     return rows
 
@@ -472,7 +473,7 @@ def _add_models(commands: Any) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from kvprof.models import describe_models
 
-    rows = describe_models(Registry.collect(get_plugin_manager()).models)
+    rows = describe_models(load_plugins().registry.models)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -24,7 +24,7 @@ Two families:
 
 Event hooks run on the hot path: keep them cheap, defer work to `run_end`, never touch the
 device (no `.item()`, no synchronize). They return nothing; an exception in a sink aborts the
-run with a `kvprof.profiler.SinkError` that names the sink's plugin (`KVPROF_DEBUG=1 kvprof trace
+run with a `kvprof.errors.SinkError` that names the sink's plugin (`KVPROF_DEBUG=1 kvprof trace
 ...` shows the traceback into the sink), and the trace written so far stays readable.
 """
 

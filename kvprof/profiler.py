@@ -1,9 +1,8 @@
-"""The plugin manager, the registries, and the run lifecycle.
+"""The run: its metadata (`RunInfo`) and the `Profiler` a strategy reports to.
 
-`get_plugin_manager()` loads the plugins (entry-point group `kvprof`), `Registry` collects
-what they register, and `Profiler` is what a strategy reports to: each `emit_*` call builds an
-`Event`, numbers it and delivers it to the sinks through the event hooks. The profiler times
-its own delivery, so every run states what kvprof cost.
+Each `emit_*` call builds an `Event`, numbers it and delivers it to the sinks through the event
+hooks of the plugin manager that `kvprof.plugins.load_plugins()` made. The profiler times its own
+delivery, so every run states what kvprof cost.
 """
 
 from __future__ import annotations
@@ -15,151 +14,15 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
-from kvprof import hookspecs
+from kvprof.errors import SinkError
 from kvprof.events import Event, Kind
-from kvprof.strategy import Strategy, UsageError
 
-ENTRY_POINT_GROUP = "kvprof"
-PLUGINS_ENV = "KVPROF_PLUGINS"  # comma-separated plugin names to load; unset = all
-
-
-class SinkError(Exception):
-    """A sink raised while handling an event; names the sink's plugin."""
-
-    def __init__(self, plugin: str, kind: str, error: BaseException) -> None:
-        super().__init__(f"sink {plugin!r} failed on a {kind} event: {type(error).__name__}: {error}")
-        self.plugin = plugin
-
-
-@dataclass
-class PluginFailure:
-    """A plugin that was skipped, and why (`kvprof plugins` lists these)."""
-
-    name: str
-    error: str
-    distribution: str | None = None   # the installed package that provides it, when known
-
-
-def get_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A plugin manager with the hookspecs and the installed plugins.
-
-    A plugin that fails to import or implements a hook with a wrong signature is skipped and
-    recorded in `pm.kvprof_failures`, so one broken plugin does not stop the others.
-    """
-    pm = pluggy.PluginManager("kvprof")
-    pm.add_hookspecs(hookspecs)
-    pm.kvprof_failures = []  # type: ignore[attr-defined]
-    pm.kvprof_versions = {}  # type: ignore[attr-defined]  plugin name -> (distribution, version)
-    if load_entry_points:
-        _load_entry_points(pm)
-    return pm
-
-
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    # Unset: load every plugin; "a,b": only those; "": none (as DATASETTE_LOAD_PLUGINS).
-    wanted = os.environ.get(PLUGINS_ENV)
-    allowed = {name.strip() for name in wanted.split(",") if name.strip()} if wanted is not None else None
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if allowed is not None and ep.name not in allowed:
-            continue
-        dist = getattr(ep, "dist", None)
-        if pm.get_plugin(ep.name) is not None:
-            pm.kvprof_failures.append(PluginFailure(
-                ep.name, f"another installed plugin is already named {ep.name!r}; this one is not loaded",
-                dist and dist.name))
-            continue
-        try:
-            plugin = ep.load()
-            pm.register(plugin, name=ep.name)
-            pm.check_pending()
-        except Exception as exc:  # a broken plugin is reported, not fatal
-            if pm.get_plugin(ep.name) is not None:
-                pm.unregister(name=ep.name)
-            pm.kvprof_failures.append(PluginFailure(ep.name, f"{type(exc).__name__}: {exc}", dist and dist.name))
-            continue
-        if dist:
-            pm.kvprof_versions[ep.name] = (dist.name, dist.version)
-    found = {name for name, _ in pm.list_name_plugin()} | {failure.name for failure in pm.kvprof_failures}
-    for name in sorted((allowed or set()) - found):
-        pm.kvprof_failures.append(PluginFailure(name, f"{PLUGINS_ENV} names it, but no installed plugin has it"))
-
-
-@dataclass
-class ModelAlias:
-    alias: str
-    config: dict[str, Any]
-    hf_id: str | None = None
-    description: str = ""
-
-
-@dataclass
-class AnalysisEntry:
-    name: str
-    function: Callable[..., Any]
-    description: str = ""
-
-
-@dataclass
-class Registry:
-    """What the plugins registered, with the plugin each entry came from."""
-
-    strategies: dict[str, type[Strategy]] = field(default_factory=dict)
-    strategy_plugins: dict[str, str] = field(default_factory=dict)
-    models: dict[str, ModelAlias] = field(default_factory=dict)
-    analyses: dict[str, AnalysisEntry] = field(default_factory=dict)
-
-    @classmethod
-    def collect(cls, pm: pluggy.PluginManager) -> Registry:
-        """Call every plugin's registration hooks. A plugin whose hook raises is unregistered
-        and recorded in `pm.kvprof_failures`, as one that fails to load; a name registered
-        twice is the user's to resolve (UsageError)."""
-        registry = cls()
-        hooks = (
-            (pm.hook.kvprof_register_strategies, registry._add_strategy),
-            (pm.hook.kvprof_register_models, registry._add_model),
-            (pm.hook.kvprof_register_analyses, registry._add_analysis),
-        )
-        for hook, add in hooks:
-            for impl in reversed(hook.get_hookimpls()):  # pluggy's call order
-                plugin_name = pm.get_name(impl.plugin) or "?"
-                register = partial(add, plugin=plugin_name) if add == registry._add_strategy else add
-                try:
-                    impl.function(register=register)
-                except UsageError:
-                    raise
-                except Exception as exc:  # one broken plugin must not stop the others
-                    pm.unregister(impl.plugin)
-                    distribution = pm.kvprof_versions.get(plugin_name, (None,))[0]
-                    error = f"{hook.name} raised {type(exc).__name__}: {exc}"
-                    pm.kvprof_failures.append(PluginFailure(plugin_name, error, distribution))
-        return registry
-
-    def _add_strategy(self, strategy: type[Strategy], plugin: str) -> None:
-        name = strategy.name
-        if name in self.strategies:
-            raise UsageError(
-                f"strategy {name!r} is registered by both {self.strategy_plugins[name]} and {plugin}"
-            )
-        self.strategies[name] = strategy
-        self.strategy_plugins[name] = plugin
-
-    def _add_model(self, alias: str, config: dict[str, Any], hf_id: str | None = None, description: str = "") -> None:
-        self.models[alias] = ModelAlias(alias, config, hf_id, description)
-
-    def _add_analysis(self, name: str, function: Callable[..., Any], description: str = "") -> None:
-        self.analyses[name] = AnalysisEntry(name, function, description)
-
-    def strategy(self, name: str) -> type[Strategy]:
-        if name not in self.strategies:
-            installed = ", ".join(sorted(self.strategies)) or "none"
-            raise UsageError(f"unknown plugin {name!r}; installed: {installed}")
-        return self.strategies[name]
+__all__ = ["Profiler", "RunInfo", "SinkError", "describe_environment", "describe_hardware"]
 
 
 @dataclass

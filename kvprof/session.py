@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pluggy
-
 from kvprof.models import EMBEDDED, resolve_model
 from kvprof.preflight import check_run, check_trace_sink
-from kvprof.profiler import Profiler, Registry, RunInfo, describe_environment, get_plugin_manager
-from kvprof.strategy import RunContext, Strategy, UsageError, parse_options
+from kvprof.plugins import LoadedPlugins, load_plugins
+from kvprof.profiler import Profiler, RunInfo, describe_environment
+from kvprof.errors import UsageError
+from kvprof.strategy import RunContext, Strategy, parse_options
 from kvprof.workloads import WorkloadSpec
 
 
@@ -57,7 +57,7 @@ def default_device() -> str:
         return "cpu"
 
 
-def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
+def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
               strategy_cls: type[Strategy] | None = None) -> RunOutcome:
     """Validate the settings, run the strategy and close its trace.
 
@@ -65,10 +65,10 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
     (a UsageError too, e.g. an engine that cannot start) is returned in `error` after the trace
     got its run_end, so the events so far stay readable; KeyboardInterrupt is re-raised then.
     """
-    pm = pm or get_plugin_manager()
-    registry = Registry.collect(pm)
+    plugins = plugins or load_plugins()
+    pm, registry = plugins.manager, plugins.registry
     if strategy_cls is None:
-        strategy_cls = registry.strategy(settings.plugin)
+        strategy_cls = plugins.strategy(settings.plugin)
     plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
     options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
     settings.workload.validate()
@@ -84,7 +84,7 @@ def run_trace(settings: TraceSettings, pm: pluggy.PluginManager | None = None,
         detail=settings.detail, seed=settings.seed,
         trace_path=str(settings.trace_path) if settings.trace_path else None,
         sinks_enabled=settings.sinks_enabled, flush_s=settings.flush_s,
-        plugin_version="/".join(pm.kvprof_versions.get(plugin, (plugin, "?"))),
+        plugin_version=plugins.version_of(plugin),
         label=settings.label, metadata=dict(settings.metadata), environment=describe_environment(device),
     )
     seed_everything(settings.seed)

@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from kvprof.errors import UsageError
+
 if TYPE_CHECKING:
     from kvprof.models import ModelSpec
     from kvprof.profiler import Profiler
     from kvprof.workloads import WorkloadSpec
 
-
-class UsageError(Exception):
-    """A user's mistake: the CLI prints the message as one line and exits 2."""
+__all__ = ["Option", "RunContext", "Strategy", "UsageError", "in_range", "non_negative", "parse_options", "positive"]
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kvprof.analysis.results import result_path, write_result
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import TraceError, partial_path, read_trace
 from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
 
@@ -72,7 +72,7 @@ def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
     """Every point of the grid. An option axis applies only to the plugins that declare it.
     Without a `num_prompts` axis a point runs one batch, or, for a probe workload,
     `PROBES_PER_POINT` prompts (at least one batch)."""
-    registry = Registry.collect(get_plugin_manager())
+    registry = load_plugins().registry
     unused = set(option_grid)
     points = []
     for plugin in plugins:

@@ -27,7 +27,7 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 
 Encode = Callable[[str], list[int]]
 

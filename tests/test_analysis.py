@@ -12,14 +12,15 @@ from analysis_traces import (
 
 from kvprof.analysis import analyze
 from kvprof.analysis.breakdown import breakdown
-from kvprof.analysis.common import Events, NotApplicable
+from kvprof.analysis.common import Events
+from kvprof.errors import NotApplicable
 from kvprof.analysis.compare import check_same_schema, check_same_workload, compare
 from kvprof.analysis.retention import kv_budget, retention, wilson_interval
 from kvprof.analysis.summary import (
     context_tokens_in_flight, decode_steps, finished_requests, inter_token_latencies_ns, summary,
 )
 from kvprof.events import Kind
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.trace import Trace, read_trace
 
 
@@ -333,9 +334,9 @@ def test_compare_refuses_different_schema_versions(batch):
 
 
 def test_the_built_in_analyses_are_registered_through_the_plugin_hook():
-    from kvprof.profiler import Registry, get_plugin_manager
+    from kvprof.plugins import load_plugins
 
-    analyses = Registry.collect(get_plugin_manager()).analyses
+    analyses = load_plugins().registry.analyses
     assert {"summary", "breakdown", "retention"} <= set(analyses)
     assert analyses["summary"].function is summary
 

@@ -89,14 +89,9 @@ class CrashingPlugin:
 def trace_with_extra_plugin(monkeypatch, capsys, plugin, name, args):
     """`kvprof trace ARGS` with `plugin` registered beside the installed ones: (status, stderr)."""
     from kvprof import cli, session
-    from kvprof.profiler import get_plugin_manager
+    from kvprof.plugins import load_plugins
 
-    def manager_with_plugin():
-        pm = get_plugin_manager()
-        pm.register(plugin, name=name)
-        return pm
-
-    monkeypatch.setattr(session, "get_plugin_manager", manager_with_plugin)
+    monkeypatch.setattr(session, "load_plugins", lambda: load_plugins(extra={name: plugin}))
     status = cli.main(["trace", "--model", "tiny-llama", "--weights", "random", *args])
     return status, capsys.readouterr().err
 

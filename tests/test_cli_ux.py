@@ -12,7 +12,7 @@ import kvprof
 from kvprof import cli
 from kvprof.display import LiveDisplay
 from kvprof.hookspecs import hookimpl
-from kvprof.profiler import get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
@@ -100,10 +100,8 @@ def tiny_settings(tmp_path, display=None, num_prompts=3) -> TraceSettings:
 
 
 def test_status_messages_reach_plugins_before_the_run_starts(tmp_path):
-    pm = get_plugin_manager()
     recorder = StatusRecorder()
-    pm.register(recorder, name="recorder")
-    outcome = run_trace(tiny_settings(tmp_path), pm=pm)
+    outcome = run_trace(tiny_settings(tmp_path), load_plugins(extra={"recorder": recorder}))
     assert outcome.error is None
     kinds = [kind for kind, _ in recorder.calls]
     assert kinds.index("status") < kinds.index("run_start")
@@ -115,7 +113,7 @@ def test_status_messages_reach_plugins_before_the_run_starts(tmp_path):
 def test_live_display_shows_the_stages_and_the_totals(tmp_path):
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
     with LiveDisplay(console) as display:
-        outcome = run_trace(tiny_settings(tmp_path, display), pm=get_plugin_manager())
+        outcome = run_trace(tiny_settings(tmp_path, display), load_plugins())
     assert outcome.error is None
     text = console.export_text()
     assert "full: loading tiny-llama" in text

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import pytest
 
 from kvprof.events import Medium
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.testing import checks, conformance
 from kvprof.trace import read_trace
 
@@ -213,7 +214,7 @@ def record(tmp_path: Path, script: Callable[[ScriptedEngine], None]) -> Path:
     """Run `script` on a ScriptedEngine with a real profiler and trace writer; the trace's path."""
     path = tmp_path / "scripted.arrow"
     run = RunInfo(plugin="scripted", model={}, workload={}, options={}, trace_path=str(path))
-    profiler = Profiler(get_plugin_manager(), run)
+    profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     script(ScriptedEngine(profiler))
     profiler.end()

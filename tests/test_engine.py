@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
-from kvprof.strategy import UsageError
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
+from kvprof import UsageError
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.offload import StaticOffloadPolicy
 from kvprof_transformers.runner import CachePolicy, Runner, StaticPolicy
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def _silent() -> Profiler:
-    return Profiler(get_plugin_manager(), RunInfo(plugin="full", model={}, workload={}, options={}), enabled=False)
+    return Profiler(load_plugins().manager, RunInfo(plugin="full", model={}, workload={}, options={}), enabled=False)
 
 
 def _passkey_requests(loaded, prompt_len: int, count: int, trim: int = 0):

@@ -11,7 +11,8 @@ import torch
 
 from kvprof.cli import main
 from kvprof.models import ModelSpec, resolve_model
-from kvprof.strategy import UsageError, parse_options
+from kvprof import UsageError
+from kvprof.strategy import parse_options
 from kvprof.trace import Trace
 from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
 from kvprof_h2o.attention import attend

@@ -13,7 +13,8 @@ import torch
 
 from kvprof.cli import main
 from kvprof.models import builtin_aliases, resolve_model
-from kvprof.strategy import UsageError, parse_options
+from kvprof import UsageError
+from kvprof.strategy import parse_options
 from kvprof.testing import conformance
 from kvprof.trace import read_trace
 from kvprof_infinigen.plugin import InfiniGenStrategy

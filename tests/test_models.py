@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvprof.models import EMBEDDED, ModelSpec, builtin_aliases, embedded_checkpoint, resolve_model
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvprof.cli import main
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.plugins import LoadedPlugins, load_plugins
 from kvprof.testing import conformance, hookref
 from kvprof.trace import read_trace
 
@@ -97,23 +97,23 @@ def installed(site: Path) -> Path:
     return site
 
 
-def failures(pm) -> dict[str, str]:
-    return {failure.name: failure.error for failure in pm.kvprof_failures}
+def failures(plugins: LoadedPlugins) -> dict[str, str]:
+    return {failure.name: failure.error for failure in plugins.failures}
 
 
 def test_broken_plugins_are_reported_by_name_and_the_others_load(installed: Path) -> None:
-    pm = get_plugin_manager()
-    registry = Registry.collect(pm)
-    errors = failures(pm)
+    plugins = load_plugins()
+    pm, registry = plugins.manager, plugins.registry
+    errors = failures(plugins)
     assert errors["import_error"] == "ModuleNotFoundError: No module named 'a_module_nobody_installed'"
     assert "Argument(s) {'budget'} are declared in the hookimpl but can not be found in the hookspec" \
         in errors["bad_signature"]
     assert "unknown hook 'kvprof_on_step'" in errors["unknown_hook"]
     assert errors["raises"] == "kvprof_register_models raised FileNotFoundError: configs/model.json"
-    assert {failure.distribution for failure in pm.kvprof_failures} == {"kvprof-fakes"}
+    assert {failure.distribution for failure in plugins.failures} == {"kvprof-fakes"}
     loaded = {name for name, _ in pm.list_name_plugin()}
     assert "good" in loaded and not loaded & set(errors)
-    assert pm.kvprof_versions["good"] == ("kvprof-fakes", "0.3")
+    assert plugins.versions["good"] == ("kvprof-fakes", "0.3")
     assert registry.strategy_plugins["noop"] == "good"
     assert {"full", "streamingllm"} <= set(registry.strategies)  # built-in and third-party alike
     assert "tiny-llama" in registry.models  # the broken models plugin did not stop the built-in one
@@ -143,18 +143,17 @@ def test_kvprof_plugins_lists_name_version_hooks_and_strategies(installed: Path,
 
 def test_kvprof_plugins_env_restricts_what_loads(installed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVPROF_PLUGINS", "sinks, streamingllm,good,typo")
-    pm = get_plugin_manager()
-    assert {name for name, _ in pm.list_name_plugin()} == {"sinks", "streamingllm", "good"}
-    assert failures(pm) == {"typo": "KVPROF_PLUGINS names it, but no installed plugin has it"}
+    plugins = load_plugins()
+    assert {name for name, _ in plugins.manager.list_name_plugin()} == {"sinks", "streamingllm", "good"}
+    assert failures(plugins) == {"typo": "KVPROF_PLUGINS names it, but no installed plugin has it"}
     monkeypatch.setenv("KVPROF_PLUGINS", "")
-    pm = get_plugin_manager()
-    assert pm.list_name_plugin() == [] and pm.kvprof_failures == []
+    plugins = load_plugins()
+    assert plugins.manager.list_name_plugin() == [] and plugins.failures == []
 
 
 def test_a_plugin_name_taken_twice_is_reported(site: Path) -> None:
     install(site, "kvprof-rival", "1.0", {}, {"sinks": "kvprof.sinks"})
-    pm = get_plugin_manager()
-    assert failures(pm)["sinks"] == "another installed plugin is already named 'sinks'; this one is not loaded"
+    assert failures(load_plugins())["sinks"] == "another installed plugin is already named 'sinks'; this one is not loaded"
 
 
 def test_the_hook_reference_in_contributing_is_current() -> None:
@@ -185,7 +184,7 @@ def test_the_sink_and_analysis_examples_of_contributing_work(site: Path, tmp_pat
     log = report.trace_path.with_name(report.trace_path.name + ".evictions.jsonl").read_text().splitlines()
     assert len(log) == report.counts["evict"]
     assert json.loads(log[0])["reason"] == "streamingllm"
-    over_budget = Registry.collect(get_plugin_manager()).analyses["over_budget"].function
+    over_budget = load_plugins().registry.analyses["over_budget"].function
     result = over_budget(read_trace(report.trace_path), budget_bytes=0)
     assert result["steps_over_budget"] == result["steps"] == report.counts["decode_step"]
 
@@ -196,7 +195,7 @@ def test_loading_the_built_in_plugins_imports_no_framework() -> None:
     import os
     import subprocess
 
-    code = ("from kvprof.profiler import get_plugin_manager, Registry; Registry.collect(get_plugin_manager()); "
+    code = ("from kvprof.plugins import load_plugins; load_plugins(); "
             "import sys; loaded = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; "
             "assert not loaded, loaded")
     env = os.environ | {"KVPROF_PLUGINS": "sinks,models,analyses,transformers,h2o,infinigen,vllm"}

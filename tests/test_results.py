@@ -10,7 +10,7 @@ import pytest
 from kvprof import cli
 from kvprof.analysis.common import distribution, parse_percentiles
 from kvprof.analysis.summary import parse_slo
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 TINY = ["--plugin", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len", "16", "--output-len", "4"]
 

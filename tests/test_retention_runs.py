@@ -9,7 +9,7 @@ import pytest
 
 from kvprof.analysis.retention import retention
 from kvprof.models import resolve_model
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof.trace import Trace, read_trace
 from kvprof.workloads import WorkloadParams, WorkloadSpec
 
@@ -22,7 +22,7 @@ def trace(smollm2, tmp_path: Path, plugin: str, options: dict[str, str], questio
     workload = WorkloadSpec("passkey", WorkloadParams(prompt_len=256, output_len=4, num_prompts=1, depth=depth,
                                                       question=question))
     path = tmp_path / f"{plugin}-{'-'.join(options.values())}-{question}-{detail}.arrow"
-    run_strategy(Registry.collect(get_plugin_manager()), plugin, resolve_model("smollm2-135m"), smollm2,
+    run_strategy(load_plugins().registry, plugin, resolve_model("smollm2-135m"), smollm2,
                  options, workload, path, detail=detail)
     return read_trace(path)
 

@@ -4,7 +4,7 @@ import pytest
 
 from kvprof import cli
 from kvprof.hookspecs import hookimpl
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.sweep import parse_grid, plan
 from kvprof.trace import partial_path, read_trace
 from kvprof.workloads import WorkloadParams
@@ -88,15 +88,13 @@ def test_a_failing_point_is_reported_and_left_out(tmp_path, capsys, monkeypatch)
     """The sweep goes on past a failing point, says which did not finish and exits 1; the
     next resume runs it again."""
     from kvprof import session, sweep
-    from kvprof.profiler import get_plugin_manager
+    from kvprof.plugins import load_plugins
 
-    def manager_with_plugin():
-        pm = get_plugin_manager()
-        pm.register(CrashingPlugin(), name="crashing")
-        return pm
+    def with_crashing_plugin():
+        return load_plugins(extra={"crashing": CrashingPlugin()})
 
-    monkeypatch.setattr(session, "get_plugin_manager", manager_with_plugin)
-    monkeypatch.setattr(sweep, "get_plugin_manager", manager_with_plugin)
+    monkeypatch.setattr(session, "load_plugins", with_crashing_plugin)
+    monkeypatch.setattr(sweep, "load_plugins", with_crashing_plugin)
     args = ["sweep", "-p", "crashes", "-p", "full", "--model", "tiny-llama", "--weights", "random",
             "--prompt-len", "32", "--output-len", "2", "-o", str(tmp_path), "--no-plots"]
     assert cli.main(args) == 1

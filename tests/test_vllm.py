@@ -223,7 +223,8 @@ def _offload_through_observer(trace_path: str) -> str:
     from vllm.v1.engine import EngineCoreOutputs
     from vllm.v1.metrics.stats import SchedulerStats
 
-    from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+    from kvprof.plugins import load_plugins
+    from kvprof.profiler import Profiler, RunInfo
     from kvprof_vllm.observer import StepObserver
 
     block = 32 * TOKEN_BYTES
@@ -233,7 +234,7 @@ def _offload_through_observer(trace_path: str) -> str:
         stats.increase_counter(f"vllm:kv_offload_{direction}_time", seconds)
         for size in sizes:
             stats.observe_histogram(f"vllm:kv_offload_{direction}_size", size)
-    profiler = Profiler(get_plugin_manager(), RunInfo(plugin="vllm", model={}, workload={}, options={},
+    profiler = Profiler(load_plugins().manager, RunInfo(plugin="vllm", model={}, workload={}, options={},
                                                       trace_path=trace_path))
     profiler.start()
     observer = StepObserver()

@@ -1,6 +1,6 @@
 import pytest
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.workloads import FILLER, WorkloadParams, WorkloadSpec, answer_is_correct, poisson_arrivals
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+from kvprof.plugins import load_plugins
+from kvprof.profiler import Profiler, RunInfo
 from kvprof.trace import Trace, read_trace
 from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel
@@ -15,7 +16,7 @@ def run_policy(loaded: LoadedModel, policy: CachePolicy, requests: list[Request]
                detail: str = "layer") -> tuple[list[list[int]], Trace]:
     """Run `requests` as one batch under `policy`; the generated ids and the trace."""
     run = RunInfo(plugin=policy.name, model={}, workload={}, options={}, trace_path=str(path), detail=detail)
-    profiler = Profiler(get_plugin_manager(), run)
+    profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     try:
         outputs = Runner(loaded, policy, profiler, detail=detail).run(requests, batch_size=len(requests))

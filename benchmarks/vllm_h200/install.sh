@@ -72,9 +72,9 @@ for lazy in ("flashinfer", "xgrammar", "llguidance"):  # vLLM imports these only
 import vllm.model_executor.models.llama, vllm.v1.engine.llm_engine, vllm.v1.sample.sampler  # noqa: E401,F401
 import vllm.v1.worker.gpu_model_runner  # noqa: F401
 print("install: vLLM's engine, GPU model runner, sampler and Llama import")
-from kvprof.profiler import get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof_vllm.run import observed_engine  # noqa: F401  imports vLLM's scheduler and engine
-assert any(name == "vllm" for name, _ in get_plugin_manager().list_name_plugin()), "kvprof's vllm plugin is not registered"
+assert any(name == "vllm" for name, _ in load_plugins().manager.list_name_plugin()), "kvprof's vllm plugin is not registered"
 print("install: kvprof's vllm plugin imports")
 EOF
 }

@@ -19,7 +19,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import Trace
 
 
@@ -49,7 +49,8 @@ def analyze(trace: Trace, analyses: Mapping[str, Callable[..., Any]] | None = No
     does not apply (`NotApplicable`) is skipped with its reason, unless it was named in `only`.
     """
     from kvprof.analysis.builtin import BUILTIN_ANALYSES
-    from kvprof.analysis.common import NotApplicable, run_label
+    from kvprof.analysis.common import run_label
+    from kvprof.errors import NotApplicable
 
     analyses = dict(BUILTIN_ANALYSES if analyses is None else analyses)
     unknown = sorted(set(only or ()) - set(analyses))

@@ -22,7 +22,7 @@ from typing import Any
 from kvprof.analysis import RunAnalysis, analyze
 from kvprof.analysis.common import parse_percentiles, unique_labels
 from kvprof.analysis.summary import parse_slo
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import Trace, read_trace
 
 
@@ -87,9 +87,9 @@ def _add_export(commands: Any) -> None:
 
 def registered_analyses() -> dict[str, Any]:
     """Analysis name -> function, from every installed plugin (the built-ins included)."""
-    from kvprof.profiler import Registry, get_plugin_manager
+    from kvprof.plugins import load_plugins
 
-    return {name: entry.function for name, entry in Registry.collect(get_plugin_manager()).analyses.items()}
+    return {name: entry.function for name, entry in load_plugins().registry.analyses.items()}
 
 
 def read_traces(paths: list[str]) -> list[Trace]:

@@ -14,16 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvprof.strategy import UsageError
+from kvprof.errors import NotApplicable as NotApplicable  # its home before kvprof.errors
+from kvprof.errors import UsageError
 from kvprof.trace import Trace
 
 NS_PER_S = 1e9
 NS_PER_MS = 1e6
-
-
-class NotApplicable(UsageError):
-    """The trace lacks what an analysis needs (say, retention probes). `kvprof analyze`
-    skips such an analysis with a note unless the user asked for it by name (then: exit 2)."""
 
 
 class Events:

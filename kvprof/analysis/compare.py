@@ -18,7 +18,7 @@ from typing import Any, Callable
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import PHASE_LABELS
 from kvprof.analysis.common import nested_number, ratio
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import Trace
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import MEMORY_COMPONENTS, PHASE_LABELS
 from kvprof.analysis.common import nested_number, strategy_labels, workload_param
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 
 PHASE_COLORS = {"prefill": "#4c72b0", "decode_compute": "#55a868", "speculation": "#8172b2",
                 "kv_transfer": "#c44e52", "eviction": "#ccb974", "sync_stall": "#64b5cd", "other": "#b0b0b0"}

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.tables import Table, comparison_tables, tables_for, to_html, to_markdown
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 
 FORMATS = ("html", "md")
 STYLE = """

@@ -20,7 +20,7 @@ from kvprof import __version__
 from kvprof.analysis.commands import jsonable
 from kvprof.analysis.common import DEFAULT_PERCENTILES, run_label
 from kvprof.analysis.summary import request_records, summary
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import Trace
 
 RESULT_VERSION = "1.0"

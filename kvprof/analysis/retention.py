@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvprof.analysis.common import Events, NotApplicable, ext_values, ints, ratio, require_events, take_rows
+from kvprof.analysis.common import Events, ext_values, ints, ratio, require_events, take_rows
 from kvprof.analysis.summary import finished_requests
-from kvprof.strategy import UsageError
+from kvprof.errors import NotApplicable, UsageError
 from kvprof.trace import Trace
 from kvprof.workloads import answer_is_correct
 

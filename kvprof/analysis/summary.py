@@ -52,7 +52,7 @@ from kvprof.analysis.common import (
     DEFAULT_PERCENTILES, NS_PER_MS, NS_PER_S, Events, distribution, ext_values, floats, ints, maybe, require_events, run_bounds,
     strings,
 )
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 from kvprof.trace import Trace
 
 FORMULAS: dict[str, str] = {

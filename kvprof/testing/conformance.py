@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvprof.profiler import Registry, get_plugin_manager
+from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.strategy import Strategy, UsageError
+from kvprof.errors import UsageError
+from kvprof.strategy import Strategy
 from kvprof.testing.checks import Problem, run_checks
 from kvprof.trace import Trace, partial_path, read_trace
 from kvprof.trace.validate import validate_trace
@@ -78,7 +79,7 @@ def check_trace(trace: str | os.PathLike | Trace) -> ConformanceReport:
 
 
 def _run_analyses(trace: Trace, report: ConformanceReport) -> None:
-    for name, entry in Registry.collect(get_plugin_manager()).analyses.items():
+    for name, entry in load_plugins().registry.analyses.items():
         try:
             entry.function(trace)
         except UsageError as exc:  # the trace lacks what this analysis needs (say, probes)
@@ -113,13 +114,13 @@ def check_strategy(
     """
     params = params or WorkloadParams(prompt_len=128, output_len=8, batch_size=2, num_prompts=2)
     trace_dir = Path(trace_dir) if trace_dir is not None else Path(tempfile.mkdtemp(prefix="kvprof-conformance-"))
-    pm = get_plugin_manager()
-    strategy_cls = Registry.collect(pm).strategy(strategy) if isinstance(strategy, str) else strategy
+    plugins = load_plugins()
+    strategy_cls = plugins.strategy(strategy) if isinstance(strategy, str) else strategy
     trace_path = trace_dir / f"{strategy_cls.name}-{detail}.arrow"
     settings = TraceSettings(plugin=strategy_cls.name, model=model, weights=weights,
                              workload=WorkloadSpec(workload, params), options=options or {}, device=device,
                              detail=detail, seed=params.seed, trace_path=trace_path, overwrite=True)
-    error = run_trace(settings, pm, strategy_cls).error
+    error = run_trace(settings, plugins, strategy_cls).error
     report = check_trace(trace_path if error is None else partial_path(trace_path))
     if error is not None:
         report.problems.insert(0, Problem("run", f"strategy {strategy_cls.name!r} raised "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvprof.strategy import UsageError
+from kvprof.errors import UsageError
 
 OUTCOMES = ("refused", "same", "flagged", "changed", "traceback")
 

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvprof.strategy import UsageError
+from kvprof.errors import TraceError
 from kvprof.trace.schema import (
     COLUMNS, DICTIONARY_COLUMNS, META_BATCH_CRC, META_CRC, META_RUN, META_VERSION, SCHEMA_VERSION,
     batch_checksum, schema_checksum, stored_type,
@@ -31,10 +31,6 @@ PARQUET_MAGIC = b"PAR1"
 CONTINUATION = b"\xff\xff\xff\xff"  # what every IPC message starts with
 # What pyarrow raises on bytes it cannot make sense of.
 ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError, IndexError)
-
-
-class TraceError(UsageError):
-    """A trace that cannot be read: missing, empty, corrupt, not kvprof, or too new."""
 
 
 @dataclass

@@ -20,13 +20,10 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from kvprof.errors import TraceWriteError
 from kvprof.events import FIELDS, Event
 from kvprof.hookspecs import hookimpl
 from kvprof.trace.schema import META_BATCH_CRC, arrow_schema, batch_checksum
-
-
-class TraceWriteError(OSError):
-    """Writing the trace failed (disk full, file removed, ...); says where the events so far are."""
 
 
 def partial_path(path: str | os.PathLike) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 ATTENTION_NAME = "kvprof_h2o"
 POLICY_ATTRIBUTE = "kvprof_h2o_policy"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvprof.events import Medium, Phase
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner
 
 from kvprof_h2o import attention

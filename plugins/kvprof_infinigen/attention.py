@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 from kvprof_transformers.offload import decoder_layers
 

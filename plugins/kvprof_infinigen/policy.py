@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kvprof.events import Phase
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 from kvprof_infinigen.attention import AttentionAccess
 from kvprof_infinigen.selection import select_tokens, speculative_scores

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kvprof.models import cache_dir
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 from kvprof_infinigen.attention import AttentionAccess
 from kvprof_transformers.loading import LoadedModel

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kvprof.models import ModelSpec
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.workloads import chat_wrapping
 
 

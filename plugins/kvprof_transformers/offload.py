@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvprof.events import Medium, Phase
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 from kvprof_transformers.host_store import (
     Copy, DeviceRing, HostKVStore, PinnedLayers, StepLog, _on, _record, side_streams,

@@ -29,7 +29,7 @@ import torch
 
 from kvprof.clock import Clock
 from kvprof.profiler import Profiler
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.workloads import Request
 
 from kvprof_transformers.loading import LoadedModel

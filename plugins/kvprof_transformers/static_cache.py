@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 
 ATTENTION_NAME = "kvprof"
 POLICY_ATTRIBUTE = "kvprof_policy"

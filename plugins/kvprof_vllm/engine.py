@@ -13,7 +13,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof.workloads import Request
 from kvprof_vllm.plugin import VLLM_OPTIONS
 

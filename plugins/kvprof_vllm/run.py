@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 from kvprof.models import ModelSpec
 from kvprof.profiler import Profiler
-from kvprof.strategy import RunContext, UsageError
+from kvprof import UsageError
+from kvprof.strategy import RunContext
 from kvprof.workloads import Request, Workload, WorkloadSpec
 from kvprof_vllm import engine as vllm_engine
 from kvprof_vllm.observer import StepObserver

@@ -22,7 +22,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from kvprof.strategy import UsageError
+from kvprof import UsageError
 from kvprof_vllm.engine import SUPPORTED_VERSIONS
 from kvprof_vllm.observer import StepObserver
 

@@ -46,7 +46,8 @@ def test_keeps_the_sinks_and_the_recent_window(kvprof_conformance) -> None:
 def test_rows_of_different_lengths_lose_their_padding_too(tmp_path: Path, kvprof_conformance) -> None:
     # The built-in workloads give every request the same length; drive the runner directly.
     from kvprof.models import resolve_model
-    from kvprof.profiler import Profiler, RunInfo, get_plugin_manager
+    from kvprof.plugins import load_plugins
+    from kvprof.profiler import Profiler, RunInfo
     from kvprof.workloads import Request
     from kvprof_transformers.loading import load_model
     from kvprof_transformers.runner import Runner
@@ -56,7 +57,7 @@ def test_rows_of_different_lengths_lose_their_padding_too(tmp_path: Path, kvprof
     model = resolve_model("tiny-llama", "random")
     path = tmp_path / "padded.arrow"
     run = RunInfo(plugin="streamingllm", model=model.to_dict(), workload={}, options=OPTIONS, trace_path=str(path))
-    profiler = Profiler(get_plugin_manager(), run)
+    profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     requests = [Request("short", list(range(300, 360)), 4, ignore_eos=True),
                 Request("long", list(range(300, 390)), 4, ignore_eos=True)]
