@@ -51,8 +51,9 @@ def kvprof_register_strategies(register: Callable[[type], None]) -> None:
 
     Called once at start-up. A strategy class subclasses `kvprof.strategy.Strategy`: it sets
     `name` (what `kvprof trace --plugin NAME` selects), `description`, `options` (a tuple of
-    `kvprof.strategy.Option`), and implements ``run(ctx: RunContext)``. Two plugins registering
-    the same name is an error that names both.
+    `kvprof.strategy.Option`), and implements ``run(ctx: RunContext)``. A name is owned by
+    the plugin loaded first (kvprof's own plugins load first): a later plugin registering it is
+    left out whole, and `kvprof plugins` lists it as failed, naming both.
     """
 
 

@@ -72,11 +72,11 @@ def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
     """Every point of the grid. An option axis applies only to the plugins that declare it.
     Without a `num_prompts` axis a point runs one batch, or, for a probe workload,
     `PROBES_PER_POINT` prompts (at least one batch)."""
-    registry = load_plugins().registry
+    loaded = load_plugins()
     unused = set(option_grid)
     points = []
     for plugin in plugins:
-        declared = {option.name for option in registry.strategy(plugin).options}
+        declared = {option.name for option in loaded.strategy(plugin).options}
         keys = [key for key in option_grid if key in declared]
         unused -= set(keys)
         for values in itertools.product(*(option_grid[key] for key in keys)):

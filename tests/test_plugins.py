@@ -17,7 +17,7 @@ import pytest
 from kvprof.cli import main
 from kvprof.plugins import LoadedPlugins, load_plugins
 from kvprof.testing import conformance, hookref
-from kvprof.trace import read_trace
+from kvprof.trace import partial_path, read_trace
 
 CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
 
@@ -201,3 +201,104 @@ def test_loading_the_built_in_plugins_imports_no_framework() -> None:
     env = os.environ | {"KVPROF_PLUGINS": "sinks,models,analyses,transformers,h2o,infinigen,vllm"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+EXITS_AT_IMPORT = "import sys\nsys.exit(3)\n"
+EXITS_AT_REGISTRATION = '''
+from kvprof import hookimpl
+
+
+@hookimpl
+def kvprof_register_analyses(register):
+    raise SystemExit("no analyses today")
+'''
+SECOND_FULL = '''
+from kvprof import Strategy, hookimpl
+
+
+class AnotherFull(Strategy):
+    name = "full"
+
+
+class Mine(Strategy):
+    name = "mine"
+
+
+@hookimpl
+def kvprof_register_strategies(register):
+    register(Mine)
+    register(AnotherFull)
+
+
+@hookimpl
+def kvprof_register_models(register):
+    register("mine-model", config={"model_type": "llama"})
+'''
+ISOLATED = {"exits": EXITS_AT_IMPORT, "exits_registering": EXITS_AT_REGISTRATION, "second_full": SECOND_FULL}
+
+
+@pytest.fixture
+def rude(site: Path) -> Path:
+    """`kvprof-rude` 1.0: a plugin calling sys.exit at import, one raising SystemExit in a
+    registration hook, and one registering a second `full` strategy beside its own `mine`."""
+    install(site, "kvprof-rude", "1.0", {f"kvprof_rude_{name}": source for name, source in ISOLATED.items()},
+            {name: f"kvprof_rude_{name}" for name in ISOLATED})
+    return site
+
+
+def test_sys_exit_and_a_taken_strategy_name_are_failures_of_that_plugin(rude: Path) -> None:
+    from kvprof_transformers.plugin import FullStrategy
+
+    plugins = load_plugins()
+    errors = failures(plugins)
+    assert errors["exits"] == "SystemExit(3) (the plugin called sys.exit)"
+    assert errors["exits_registering"] == \
+        "kvprof_register_analyses raised SystemExit('no analyses today') (the plugin called sys.exit)"
+    assert errors["second_full"] == "strategy 'full' is already registered by plugin 'transformers'; this plugin is not loaded"
+    assert {failure.distribution for failure in plugins.failures} == {"kvprof-rude"}
+    # The first owner keeps the name, and nothing of the later plugin is used.
+    assert plugins.registry.strategies["full"] is FullStrategy
+    assert "mine" not in plugins.registry.strategies and "mine-model" not in plugins.registry.models
+    loaded = {name for name, _ in plugins.manager.list_name_plugin()}
+    assert {"transformers", "sinks", "analyses", "streamingllm"} <= loaded and not loaded & set(ISOLATED)
+    assert set(plugins.versions).isdisjoint(ISOLATED)
+
+
+def test_plugins_analyze_and_trace_work_beside_rude_plugins(rude: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["exits"]["error"].startswith("SystemExit(3)")
+    assert rows["transformers"]["strategies"] == ["full", "offload"]
+    assert "strategy 'full' is already registered" in rows["second_full"]["error"]
+    assert main(["plugins"]) == 0
+    assert "failed second_full (kvprof-rude)" in capsys.readouterr().out
+    example = Path(__file__).parents[1] / "traces" / "examples" / "full-passkey.arrow"
+    assert main(["analyze", str(example), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    trace_path = tmp_path / "full.arrow"
+    assert main(["trace", "--plugin", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len", "16",
+                 "--output-len", "2", "-o", str(trace_path)]) == 0
+    assert read_trace(trace_path).run["plugin"] == "full"
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("exits", "kvprof: error: plugin 'exits' failed to load: SystemExit(3) (the plugin called sys.exit)"),
+    ("mine", "kvprof: error: strategy 'mine' comes from plugin 'second_full', which failed to load: "
+             "strategy 'full' is already registered by plugin 'transformers'; this plugin is not loaded"),
+    ("nothing_by_this_name", "kvprof: error: unknown plugin 'nothing_by_this_name'; installed: "),
+])
+def test_trace_says_why_the_plugin_asked_for_failed(rude: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    strategy: str, message: str) -> None:
+    trace_path = tmp_path / "run.arrow"
+    status = main(["trace", "--plugin", strategy, "--model", "tiny-llama", "--weights", "random", "-o", str(trace_path)])
+    assert status == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert not trace_path.exists() and not partial_path(trace_path).exists()
+
+
+def test_keyboard_interrupt_at_import_is_not_swallowed(site: Path) -> None:
+    install(site, "kvprof-interrupted", "1.0", {"kvprof_interrupted": "raise KeyboardInterrupt\n"},
+            {"interrupted": "kvprof_interrupted"})
+    with pytest.raises(KeyboardInterrupt):
+        load_plugins()
