@@ -597,8 +597,12 @@ class StaticOffloadPolicy(StaticPolicy):
         stalls = []
         for fetch in fetches:
             # CUDA: the compute stream waited from its wait's start to the copy's end, if later.
+            # Without overlap the copy started only once compute reached it, so all of it is a
+            # stall even when the graph ran the wait's stamp after the copy (seen on the H200).
             # CPU: copies are synchronous, so every copy is on the critical path.
             waiting = at(row[self._column(fetch["layer"], 2)]) if self.cuda else fetch["start"]
+            if not self.overlap:
+                waiting = min(waiting, fetch["start"])
             if fetch["end"] > waiting:
                 stalls.append((waiting, fetch["end"], fetch))
         host_bytes = self.num_layers * (self.runner.filled_slots) * self.host.token_bytes
