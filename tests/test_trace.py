@@ -101,6 +101,29 @@ def test_a_killed_runs_trace_has_no_footer_and_reads_as_a_stream(tmp_path):
     assert sum(batch.num_rows for batch in stream_batches(stream)) == 4
 
 
+def test_a_killed_runs_trace_is_refused_by_file_readers_and_its_export_reads_everywhere(tmp_path):
+    """Arrow file readers refuse a trace without a footer with an error (never partial rows);
+    kvprof reads it, and its Parquet export opens in pandas, polars (lazily) and DuckDB."""
+    from kvprof.analysis.export import write_parquet
+
+    polars = pytest.importorskip("polars")
+    duckdb = pytest.importorskip("duckdb")
+    partial = write_events(tmp_path / "t.arrow", some_events(), close=False, batch_rows=2).partial
+    refusals = {"pandas": lambda: pd.read_feather(partial),
+                "polars": lambda: polars.scan_ipc(partial).collect(),
+                "pyarrow.dataset": lambda: pyarrow.dataset.dataset(partial, format="arrow").to_table()}
+    for reader, read in refusals.items():
+        with pytest.raises(Exception, match="(?i)arrow file|footer|schema") as refused:
+            read()
+        assert refused.type.__name__ in ("ArrowInvalid", "ComputeError"), reader
+    exported = write_parquet(read_trace(partial), tmp_path / "t.parquet")
+    kinds = ["run_start", "prefill", "evict", "decode_step"]  # the two flushed batches
+    assert list(pd.read_parquet(exported)["kind"]) == kinds
+    assert polars.scan_parquet(exported).select("kind").collect()["kind"].to_list() == kinds
+    rows = duckdb.sql(f"SELECT kind FROM read_parquet('{exported}') ORDER BY seq").fetchall()
+    assert [kind for (kind,) in rows] == kinds
+
+
 def stream_batches(reader: pa.ipc.RecordBatchStreamReader) -> list[pa.RecordBatch]:
     batches = []
     while True:
