@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import statistics
 import sys
@@ -42,12 +41,11 @@ from typing import Any
 
 import torch
 
+from common import run_strategy, synthetic
+
 from kvprof.models import resolve_model
 from kvprof.plugins import Registry, load_plugins
-from kvprof.profiler import Profiler, RunInfo
-from kvprof.strategy import RunContext, parse_options
 from kvprof.trace import Trace, read_trace
-from kvprof.workloads import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel, load_model
 
 # (label, strategy, options)
@@ -318,37 +316,6 @@ def profile_eager_offload(registry: Registry, spec: Any, loaded: LoadedModel, ou
 
 
 # --- runs ----------------------------------------------------------------------------------------
-
-
-def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, raw_options: dict[str, str],
-                 workload: WorkloadSpec, trace_path: Path | None, detail: str = "layer") -> None:
-    """One in-process `kvprof trace` run on the loaded model; without a trace path the run
-    attaches no sinks (warm-up)."""
-    strategy_cls = registry.strategy(name)
-    options = parse_options(strategy_cls.options, raw_options)
-    run = RunInfo(plugin=name, model=spec.to_dict(), workload={"name": workload.name, "params": vars(workload.params)},
-                  options=options, device=str(loaded.device), trace_path=str(trace_path) if trace_path else None,
-                  sinks_enabled=trace_path is not None, seed=workload.params.seed, detail=detail)
-    profiler = Profiler(load_plugins().manager, run)
-    context = RunContext(model=spec, workload=workload, options=options, profiler=profiler,
-                         device=str(loaded.device), seed=workload.params.seed, detail=detail)
-    error = None
-    try:
-        strategy_cls().run_loaded(context, loaded)
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        profiler.end(error)
-        gc.collect()
-        if loaded.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-def synthetic(prompt_len: int, output_len: int, batch_size: int = 1) -> WorkloadSpec:
-    """`batch_size` synthetic requests of one length, run as one batch."""
-    return WorkloadSpec("synthetic", WorkloadParams(prompt_len=prompt_len, output_len=output_len,
-                                                    batch_size=batch_size, num_prompts=batch_size))
 
 
 def peak_copy_bandwidth(device: str, sizes_mib: tuple[float, ...], repeats: int = 10) -> dict[str, float]:
