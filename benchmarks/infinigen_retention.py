@@ -27,7 +27,7 @@ from kvprof.analysis.retention import retention
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
 from kvprof.trace import Trace, read_trace
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import load_model
 
 from infinigen_gpu import run_strategy

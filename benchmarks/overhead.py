@@ -27,9 +27,10 @@ from typing import Any
 
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
-from kvprof.strategy import RunContext, parse_options
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import Profiler, RunInfo
+from kvprof import RunContext
+from kvprof.strategy import parse_options
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel, load_model
 
 
@@ -39,7 +40,7 @@ def timed_run(loaded: LoadedModel, strategy: str, workload: WorkloadSpec, enable
     strategy_cls = registry.strategy(strategy)
     options = parse_options(strategy_cls.options, {})
     device = str(loaded.device)
-    run = RunInfo(plugin=strategy, model={}, workload={"name": workload.name, "params": vars(workload.params)},
+    run = RunInfo(strategy=strategy, model={}, workload={"name": workload.name, "params": vars(workload.params)},
                   options=options, device=device,
                   trace_path=str(trace_dir / f"{time.monotonic_ns()}.arrow") if enabled else None,
                   sinks_enabled=enabled)

@@ -29,10 +29,10 @@ from typing import Callable
 from kvprof.cli import parse_key_values
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
+from kvprof import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_vllm.engine import import_vllm, run_requests
 from kvprof_vllm.plugin import VllmStrategy
 
@@ -89,7 +89,7 @@ def main() -> None:
             return timed("plain", lambda: run_requests(plain, requests))
 
         def run_kvprof() -> dict:
-            run = RunInfo(plugin="vllm", model=model.to_dict(), workload=params.__dict__, options=options,
+            run = RunInfo(strategy="vllm", model=model.to_dict(), workload=params.__dict__, options=options,
                           device=device, trace_path=str(Path(folder) / f"{time.monotonic_ns()}.arrow"))
             profiler = Profiler(pm, run)
             profiler.start()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 
 RESULTS = Path(__file__).parent / "results"
 MACHINES = {"cpu": ("CPU, 2 cores", "cpu-retention-grid"), "cuda": ("NVIDIA H200", "h200-retention-grid")}

@@ -37,13 +37,14 @@ from typing import Any, Callable
 from kvprof.analysis.common import Events
 from kvprof.analysis.summary import finished_requests
 from kvprof.analysis.summary import summary as trace_summary
-from kvprof.models import ModelSpec, resolve_model
+from kvprof import ModelSpec
+from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
+from kvprof import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
 from kvprof.trace import read_trace
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_vllm.engine import import_vllm, run_requests
 from kvprof_vllm.plugin import VllmStrategy
 
@@ -121,7 +122,7 @@ class Bench:
     def run_kvprof(self, params: WorkloadParams, requests: list[Any], trace_path: Path) -> tuple[dict[str, Any], float]:
         from kvprof_vllm.run import describe_engine, profile_requests
 
-        run = RunInfo(plugin="vllm", model=self.model.to_dict(), workload=vars(params), options=self.options,
+        run = RunInfo(strategy="vllm", model=self.model.to_dict(), workload=vars(params), options=self.options,
                       device=self.device, trace_path=str(trace_path), seed=params.seed)
         run.extra.update(describe_engine(self.observed))
         profiler = Profiler(self.pm, run)

@@ -216,7 +216,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     trace_path = None if args.no_sinks else Path(args.output or default_trace_path(args.plugin, args.model))
     result_file = None if args.no_result or trace_path is None else Path(args.result or result_path(trace_path))
     settings = TraceSettings(
-        plugin=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
+        strategy=args.plugin, model=args.model, weights=args.weights, workload=WorkloadSpec(args.workload, params),
         options=parse_key_values(args.opt), device=args.device, dtype=args.dtype, detail=args.detail,
         seed=args.seed, trace_path=trace_path, overwrite=args.force, sinks_enabled=not args.no_sinks,
         flush_s=args.flush_s, warmup_runs=args.warmup_runs,
@@ -349,7 +349,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     points = sweep.plan(args.plugin, base, axes, option_grid, args.workload)
     for point in points:
         WorkloadSpec(args.workload, point.params).validate()
-    settings = TraceSettings(plugin=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
+    settings = TraceSettings(strategy=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
                              dtype=args.dtype, seed=args.seed)
     folder = Path(args.output)
     if args.dry_run:
@@ -379,7 +379,7 @@ def print_plan(points: list[Any], folder: Path, repeats: int) -> None:
         options = " ".join(f"{key}={value}" for key, value in point.options)
         params = point.params
         rate = f" rate={params.rate:g}" if params.rate is not None else ""
-        print(f"{'exists ' if done else 'to run '} {point.plugin} {options + ' ' if options else ''}"
+        print(f"{'exists ' if done else 'to run '} {point.strategy} {options + ' ' if options else ''}"
               f"prompt={params.prompt_len} batch={params.batch_size} output={params.output_len}{rate} "
               f"prompts={params.num_prompts}  {path}")
     print(f"sweep --dry-run: {len(runs)} runs ({len(points)} points x {repeats} repeats), "

@@ -85,7 +85,7 @@ class LiveDisplay:
 
     @hookimpl
     def kvprof_status(self, run: RunInfo, message: str) -> None:
-        self._set_stage(f"{run.plugin}: {message}")
+        self._set_stage(f"{run.strategy}: {message}")
 
     def _set_stage(self, description: str, finished: bool = False) -> None:
         if self._stage is None:
@@ -103,7 +103,7 @@ class LiveDisplay:
         planned_decode = sum(max(tokens - 1, 0) for tokens in self._planned_new.values())
         batch = ((run.workload or {}).get("params") or {}).get("batch_size")
         batches = f" in batches of {batch}" if batch and batch < len(requests) else ""
-        self._set_stage(f"{run.plugin}: tracing {len(requests)} requests{batches} to {run.trace_path}")
+        self._set_stage(f"{run.strategy}: tracing {len(requests)} requests{batches} to {run.trace_path}")
         self._prefill = self.progress.add_task("prefill", total=len(requests) or None, unit="requests")
         self._decode = self.progress.add_task("decode", total=planned_decode or None, unit="tokens")
 
@@ -138,7 +138,7 @@ class LiveDisplay:
         for task in (self._prefill, self._decode):
             if task is not None and error is None:
                 self.progress.update(task, total=self._task(task).completed)
-        self._set_stage(f"{run.plugin}: {'failed' if error else 'done'}: {run.trace_path}", finished=True)
+        self._set_stage(f"{run.strategy}: {'failed' if error else 'done'}: {run.trace_path}", finished=True)
 
     def _task(self, task_id: TaskID) -> Any:
         return next(task for task in self.progress.tasks if task.id == task_id)

@@ -49,9 +49,9 @@ hookimpl = pluggy.HookimplMarker("kvprof")
 def kvprof_register_strategies(register: Callable[[type], None]) -> None:
     """Register strategy classes: call ``register(MyStrategy)`` once per class.
 
-    Called once at start-up. A strategy class subclasses `kvprof.strategy.Strategy`: it sets
+    Called once at start-up. A strategy class subclasses `kvprof.Strategy`: it sets
     `name` (what `kvprof trace --plugin NAME` selects), `description`, `options` (a tuple of
-    `kvprof.strategy.Option`), and implements ``run(ctx: RunContext)``. A name is owned by
+    `kvprof.Option`), and implements ``run(ctx: RunContext)``. A name is owned by
     the plugin loaded first (kvprof's own plugins load first): a later plugin registering it is
     left out whole, and `kvprof plugins` lists it as failed, naming both.
     """
@@ -162,7 +162,7 @@ def kvprof_offload(event: Event) -> None:
 def kvprof_phase(event: Event) -> None:
     """A span of strategy work on a step's critical path, named by `event.phase`.
 
-    Standard names are in `kvprof.events.Phase` (speculation, kv_transfer, eviction,
+    Standard names are in `kvprof.Phase` (speculation, kv_transfer, eviction,
     sync_stall). The breakdown analysis subtracts these from the step; the remainder is decode
     compute. Fields: phase, step, layer.
     """

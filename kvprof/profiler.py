@@ -27,9 +27,13 @@ __all__ = ["Profiler", "RunInfo", "SinkError", "describe_environment", "describe
 
 @dataclass
 class RunInfo:
-    """A run's metadata; written as JSON into the trace's schema metadata (`kvprof:run`)."""
+    """A run's metadata; written as JSON into the trace's schema metadata (`kvprof:run`).
 
-    plugin: str
+    `strategy` is what `--plugin` selected; `plugin_version` the distribution and version of the
+    plugin that registered it. Traces written before name the strategy `plugin` (the reader maps it).
+    """
+
+    strategy: str
     model: dict[str, Any]
     workload: dict[str, Any]
     options: dict[str, Any]

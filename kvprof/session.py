@@ -21,7 +21,7 @@ from kvprof.workloads import WorkloadSpec
 class TraceSettings:
     """Everything `kvprof trace` takes; `options` are the raw `--opt` strings."""
 
-    plugin: str
+    strategy: str                     # what `--plugin` selects
     model: str = EMBEDDED
     weights: str = "auto"
     workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec("synthetic"))
@@ -68,7 +68,7 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
     plugins = plugins or load_plugins()
     pm, registry = plugins.manager, plugins.registry
     if strategy_cls is None:
-        strategy_cls = plugins.strategy(settings.plugin)
+        strategy_cls = plugins.strategy(settings.strategy)
     plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
     options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
     settings.workload.validate()
@@ -79,7 +79,7 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
               settings.trace_path if settings.sinks_enabled else None, settings.overwrite)
     params = settings.workload.params
     run = RunInfo(
-        plugin=strategy_cls.name, model=model.to_dict(),
+        strategy=strategy_cls.name, model=model.to_dict(),
         workload={"name": settings.workload.name, "params": vars(params)}, options=options, device=device,
         detail=settings.detail, seed=settings.seed,
         trace_path=str(settings.trace_path) if settings.trace_path else None,

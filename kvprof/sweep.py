@@ -2,7 +2,7 @@
 budget, request rate, and for the probe workloads prompts per point, passkey depth, fact count and
 question mode), one trace per point, and the study's figures drawn from them.
 
-A point's trace is `<folder>/<plugin>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>]` plus
+A point's trace is `<folder>/<strategy>[-key=value...]-p<prompt>-b<batch>-o<output>[-r<rate>]` plus
 `-n<prompts>` when they are not one batch, `-d<depth>`, `-f<facts>`, `-q<question>` when not the
 defaults, then `.arrow`, with its result file (`.json`, see kvprof.analysis.results) beside it. A
 run writes its trace under the partial name until it finishes (kvprof.trace.writer), so a point is
@@ -38,12 +38,12 @@ NAMED_WHEN_SET = (("depth", "d"), ("num_facts", "f"), ("question", "q"))
 
 @dataclass(frozen=True)
 class SweepPoint:
-    plugin: str
+    strategy: str
     options: tuple[tuple[str, str], ...]
     params: WorkloadParams
 
     def file_name(self) -> str:
-        parts = [self.plugin, *(f"{key}={value}" for key, value in self.options),
+        parts = [self.strategy, *(f"{key}={value}" for key, value in self.options),
                  f"p{self.params.prompt_len}", f"b{self.params.batch_size}", f"o{self.params.output_len}"]
         if self.params.rate is not None:
             parts.append(f"r{self.params.rate:g}")
@@ -67,16 +67,16 @@ def parse_grid(values: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
+def plan(strategies: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
          option_grid: dict[str, list[str]], workload: str = "synthetic") -> list[SweepPoint]:
-    """Every point of the grid. An option axis applies only to the plugins that declare it.
+    """Every point of the grid. An option axis applies only to the strategies that declare it.
     Without a `num_prompts` axis a point runs one batch, or, for a probe workload,
     `PROBES_PER_POINT` prompts (at least one batch)."""
     loaded = load_plugins()
     unused = set(option_grid)
     points = []
-    for plugin in plugins:
-        declared = {option.name for option in loaded.strategy(plugin).options}
+    for strategy in strategies:
+        declared = {option.name for option in loaded.strategy(strategy).options}
         keys = [key for key in option_grid if key in declared]
         unused -= set(keys)
         for values in itertools.product(*(option_grid[key] for key in keys)):
@@ -85,9 +85,9 @@ def plan(plugins: list[str], base: WorkloadParams, axes: dict[str, list[Any]],
                 if "num_prompts" not in changes:
                     batch = changes.get("batch_size", base.batch_size)
                     changes["num_prompts"] = max(batch, PROBES_PER_POINT) if workload in PROBE_WORKLOADS else batch
-                points.append(SweepPoint(plugin, tuple(zip(keys, values)), replace(base, **changes)))
+                points.append(SweepPoint(strategy, tuple(zip(keys, values)), replace(base, **changes)))
     if unused:
-        raise UsageError(f"--opt-grid {', '.join(sorted(unused))}: no swept plugin takes this option")
+        raise UsageError(f"--opt-grid {', '.join(sorted(unused))}: no swept strategy takes this option")
     return points
 
 
@@ -141,7 +141,7 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
             continue
         if path.exists():
             report(f"sweep: {path.name}: {why}; running it again")
-        settings = replace(base_settings, plugin=point.plugin, options=dict(point.options),
+        settings = replace(base_settings, strategy=point.strategy, options=dict(point.options),
                            workload=WorkloadSpec(workload, point.params), trace_path=path, overwrite=True)
         run = run_trace(settings)
         if run.error is not None:
@@ -173,7 +173,7 @@ def draw(traces: list[Path], folder: Path) -> list[Path]:
     from kvprof.analysis import analyze
     from kvprof.analysis.plots import draw_figures
     loaded = [read_trace(path) for path in traces]
-    baselines = {_workload_key(t): t for t in loaded if t.run.get("plugin") == "full"}
+    baselines = {_workload_key(t): t for t in loaded if t.run.get("strategy") == "full"}
     runs = [analyze(trace, label=path.stem, baseline=baselines.get(_workload_key(trace)))
             for path, trace in zip(traces, loaded)]
     return draw_figures(runs, folder)

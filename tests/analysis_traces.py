@@ -18,13 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvprof.events import Event, Kind
+from kvprof import Event, Kind
 from kvprof.trace import ArrowTraceWriter
 
 MS = 1_000_000  # nanoseconds
 
 
-def run_info(plugin: str = "full", options: dict | None = None, requests: list[dict] | None = None,
+def run_info(strategy: str = "full", options: dict | None = None, requests: list[dict] | None = None,
              workload: str = "synthetic", params: dict | None = None, layers: int = 2, kv_heads: int = 2,
              weights_bytes: int | None = 100_000_000, kv_budget: dict | None = None) -> dict[str, Any]:
     """Run metadata shaped like RunInfo.to_dict(), with only what analyses read."""
@@ -34,7 +34,7 @@ def run_info(plugin: str = "full", options: dict | None = None, requests: list[d
     if weights_bytes is not None:
         extra["weights_bytes"] = weights_bytes
     return {
-        "plugin": plugin, "options": options or {}, "device": "cuda",
+        "strategy": strategy, "options": options or {}, "device": "cuda",
         "model": {"name": "hand-built", "weights": "random",
                   "config": {"num_hidden_layers": layers, "num_key_value_heads": kv_heads}},
         "workload": {"name": workload, "params": {"prompt_len": 100, "batch_size": 2, "output_len": 4,
@@ -140,6 +140,6 @@ def retention_events(texts: tuple[str, str], evictions: bool = True) -> list[Eve
 
 def retention_trace(path: Path, plugin: str, texts: tuple[str, str], options: dict | None = None,
                     evictions: bool = True, kv_budget: dict | None = None) -> Path:
-    run = run_info(plugin=plugin, options=options, workload="passkey", requests=passkey_requests(),
+    run = run_info(strategy=plugin, options=options, workload="passkey", requests=passkey_requests(),
                    kv_budget=kv_budget)
     return write_trace(path, retention_events(texts, evictions), run)

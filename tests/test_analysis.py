@@ -19,7 +19,7 @@ from kvprof.analysis.retention import kv_budget, retention, wilson_interval
 from kvprof.analysis.summary import (
     context_tokens_in_flight, decode_steps, finished_requests, inter_token_latencies_ns, summary,
 )
-from kvprof.events import Kind
+from kvprof import Kind
 from kvprof import UsageError
 from kvprof.trace import Trace, read_trace
 
@@ -250,7 +250,7 @@ def test_fetched_coverage_on_a_hand_built_trace(tmp_path):
         ev(Kind.REQUEST_END, 1, 17, request_id="req-0", tokens=3, text="12345"),
         ev(Kind.RUN_END, 18),
     ]
-    run = run_info(plugin="infinigen", workload="passkey", requests=passkey_requests(("12345",)))
+    run = run_info(strategy="infinigen", workload="passkey", requests=passkey_requests(("12345",)))
     coverage = retention(read_trace(write_trace(tmp_path / "ig.arrow", events, run)))["coverage"]
     (span,) = coverage["spans"]
     assert coverage["available"] and span["per_answer_token"] == pytest.approx([1.0, 0.625, 0.875])
@@ -275,7 +275,7 @@ def test_retention_needs_probes(batch):
 
 def test_baseline_must_have_run_the_same_prompts(tmp_path, h2o_and_full):
     h2o, _ = h2o_and_full
-    other = run_info(plugin="full", workload="passkey", requests=passkey_requests(("99999", "54321")))
+    other = run_info(strategy="full", workload="passkey", requests=passkey_requests(("99999", "54321")))
     baseline = read_trace(write_trace(tmp_path / "other.arrow", batch_events(), other))
     with pytest.raises(UsageError, match="did not run the same prompts"):
         retention(h2o, baseline=baseline)
@@ -304,8 +304,8 @@ def _slowed(factor: int) -> list:
 
 
 def test_compare_ratios_to_the_baseline(tmp_path):
-    fast = read_trace(write_trace(tmp_path / "fast.arrow", batch_events(), run_info(plugin="full")))
-    slow = read_trace(write_trace(tmp_path / "slow.arrow", _slowed(2), run_info(plugin="h2o",
+    fast = read_trace(write_trace(tmp_path / "fast.arrow", batch_events(), run_info(strategy="full")))
+    slow = read_trace(write_trace(tmp_path / "slow.arrow", _slowed(2), run_info(strategy="h2o",
                                                                                   options={"heavy_ratio": 0.1})))
     result = compare([analyze(fast), analyze(slow)], baseline=0)
     rows = {row["key"]: row for row in result["rows"]}
@@ -350,7 +350,7 @@ def test_labels_name_the_options_that_vary(tmp_path):
     from kvprof.analysis.common import strategy_labels, unique_labels
 
     def trace(name: str, plugin: str, options: dict) -> Trace:
-        run = run_info(plugin=plugin, options=options)
+        run = run_info(strategy=plugin, options=options)
         return read_trace(write_trace(tmp_path / f"{name}.arrow", batch_events(), run))
 
     runs = [trace("a", "h2o", {"heavy_ratio": 0.1, "recent_ratio": 0.1}),

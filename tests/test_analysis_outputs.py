@@ -212,7 +212,7 @@ def _sweep(tmp_path: Path) -> list[Path]:
             events = batch_events()
             for event in events:
                 event.start_ns, event.end_ns = event.start_ns * factor * batch_size, event.end_ns * factor * batch_size
-            run = run_info(plugin=plugin, options=options, params={"batch_size": batch_size})
+            run = run_info(strategy=plugin, options=options, params={"batch_size": batch_size})
             paths.append(write_trace(tmp_path / f"{plugin}-{batch_size}.arrow", events, run))
     return paths
 
@@ -264,7 +264,7 @@ def test_integer_axes_get_integer_ticks(tmp_path):
 def test_report_shows_deviations_and_environment(tmp_path, capsys):
     from kvprof.analysis.report import write_report
 
-    run = run_info(plugin="h2o", options={"heavy_ratio": 0.1})
+    run = run_info(strategy="h2o", options={"heavy_ratio": 0.1})
     run["deviations"] = ["scores are kept per sequence"]
     run["environment"] = {"python": "3.11.7", "platform": "Linux", "versions": {"torch": "2.13.0"},
                           "hardware": {"cpu": "Xeon", "cpu_cores": 2, "memory_bytes": 2**34}}
@@ -300,7 +300,7 @@ def test_example_traces(path):
     assert summary["latency_ms"]["ttft"]["median"] > 0 and summary["throughput_tokens_per_s"]["decode"] > 0
     assert summary["kv_per_token"]["kv_bytes_per_token"] > 0
     assert run.results["retention"]["overall"]["baseline_accuracy"] is not None
-    if trace.run["plugin"] == "h2o":
+    if trace.run["strategy"] == "h2o":
         assert summary["evictions"]["tokens"] > 0 and "eviction" in run.results["breakdown"]["time"]["seconds"]
         assert run.results["retention"]["survival"]["asked_mean"] < 1.0
     check_chrome_trace(perfetto(trace))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 
 KVPROF = [sys.executable, "-m", "kvprof.cli"]
 

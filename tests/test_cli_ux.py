@@ -11,10 +11,10 @@ from rich.console import Console
 import kvprof
 from kvprof import cli
 from kvprof.display import LiveDisplay
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 
 
 def test_version(capsys):
@@ -90,12 +90,12 @@ class StatusRecorder:
 
     @hookimpl
     def kvprof_run_start(self, run):
-        self.calls.append(("run_start", run.plugin))
+        self.calls.append(("run_start", run.strategy))
 
 
 def tiny_settings(tmp_path, display=None, num_prompts=3) -> TraceSettings:
     params = WorkloadParams(prompt_len=16, output_len=4, batch_size=2, num_prompts=num_prompts)
-    return TraceSettings(plugin="full", model="tiny-llama", weights="random", workload=WorkloadSpec("synthetic", params),
+    return TraceSettings(strategy="full", model="tiny-llama", weights="random", workload=WorkloadSpec("synthetic", params),
                          trace_path=tmp_path / "run.arrow", display=display)
 
 
@@ -132,11 +132,11 @@ def test_no_live_display_off_a_terminal_unless_asked():
 
 
 def test_live_display_counts_a_chunked_prefill_once_and_drops_tokens_an_early_stop_never_makes():
-    from kvprof.events import Event, Kind
-    from kvprof.profiler import RunInfo
+    from kvprof import Event, Kind
+    from kvprof import RunInfo
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
-    run = RunInfo(plugin="vllm", model={}, options={}, trace_path="t.arrow",
+    run = RunInfo(strategy="vllm", model={}, options={}, trace_path="t.arrow",
                   workload={"requests": [{"request_id": "a", "max_new_tokens": 10},
                                          {"request_id": "b", "max_new_tokens": 10}]})
     display = LiveDisplay(console)

@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import pytest
 
-from kvprof.events import Medium
+from kvprof import Medium
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
+from kvprof import Profiler, RunInfo
 from kvprof.testing import checks, conformance
 from kvprof.trace import read_trace
 
@@ -149,7 +149,7 @@ def test_bytes_reported_freed_but_still_resident_fail(policies: dict[str, type],
 
 
 def test_a_strategy_that_raises_is_a_problem_and_its_trace_is_still_checked(tmp_path: Path) -> None:
-    from kvprof.strategy import Strategy
+    from kvprof import Strategy
 
     class Crashes(Strategy):
         name = "crashes"
@@ -213,7 +213,7 @@ class ScriptedEngine:
 def record(tmp_path: Path, script: Callable[[ScriptedEngine], None]) -> Path:
     """Run `script` on a ScriptedEngine with a real profiler and trace writer; the trace's path."""
     path = tmp_path / "scripted.arrow"
-    run = RunInfo(plugin="scripted", model={}, workload={}, options={}, trace_path=str(path))
+    run = RunInfo(strategy="scripted", model={}, workload={}, options={}, trace_path=str(path))
     profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     script(ScriptedEngine(profiler))
@@ -413,7 +413,7 @@ def test_the_fixture_fails_a_test_with_the_report(tmp_path: Path, pytester: pyte
 def test_block_allocated_kv_may_grow_by_a_block_per_request(tmp_path):
     """An engine that allocates KV in blocks (the trace states extra["kv_block_bytes"]) may add a
     whole block for one new token; without that statement the same growth is a problem."""
-    from kvprof.events import Event, Kind
+    from kvprof import Event, Kind
     from kvprof.testing.conformance import check_trace
     from kvprof.trace import ArrowTraceWriter
 
@@ -427,7 +427,7 @@ def test_block_allocated_kv_may_grow_by_a_block_per_request(tmp_path):
             Event(Kind.REQUEST_END, 0, 5, request_id="r", tokens=2, text="x"),
             Event(Kind.RUN_END, 6, 6, ext={"profiler_events": 4.0}),
         ]
-        writer = ArrowTraceWriter(path, {"plugin": "blocks", "extra": run_extra, "workload": {}})
+        writer = ArrowTraceWriter(path, {"strategy": "blocks", "extra": run_extra, "workload": {}})
         for seq, event in enumerate(events):
             event.seq, event.run_id = seq, "r1"
             writer.add(event)

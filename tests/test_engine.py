@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
+from kvprof import Profiler, RunInfo
 from kvprof import UsageError
-from kvprof.workloads import WorkloadParams, WorkloadSpec
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.offload import StaticOffloadPolicy
-from kvprof_transformers.runner import CachePolicy, Runner, StaticPolicy
+from kvprof_transformers.runner import FullCachePolicy, Runner, StaticPolicy
 
 pytestmark = pytest.mark.slow
 
 
 def _silent() -> Profiler:
-    return Profiler(load_plugins().manager, RunInfo(plugin="full", model={}, workload={}, options={}), enabled=False)
+    return Profiler(load_plugins().manager, RunInfo(strategy="full", model={}, workload={}, options={}), enabled=False)
 
 
 def _passkey_requests(loaded, prompt_len: int, count: int, trim: int = 0):
@@ -29,7 +29,7 @@ def _passkey_requests(loaded, prompt_len: int, count: int, trim: int = 0):
 
 def test_static_engine_gives_the_eager_engines_greedy_tokens_with_padding(smollm2):
     requests = _passkey_requests(smollm2, 256, 3, trim=7)
-    eager = Runner(smollm2, CachePolicy(), _silent()).run(requests, batch_size=3)
+    eager = Runner(smollm2, FullCachePolicy(), _silent()).run(requests, batch_size=3)
     static = Runner(smollm2, StaticPolicy(), _silent()).run(requests, batch_size=3)
     assert static == eager
     assert all(len(tokens) >= 1 for tokens in static)
@@ -41,7 +41,7 @@ def test_static_engine_matches_eager_with_a_followup_turn_and_a_smaller_last_bat
         request.followup_token_ids = request.prompt_token_ids[-12:]
         request.prompt_token_ids = request.prompt_token_ids[:-12]
     requests[2].followup_token_ids = requests[2].followup_token_ids[3:]  # a padded follow-up chunk
-    eager = Runner(smollm2, CachePolicy(), _silent()).run(requests, batch_size=2)
+    eager = Runner(smollm2, FullCachePolicy(), _silent()).run(requests, batch_size=2)
     static = Runner(smollm2, StaticPolicy(), _silent()).run(requests, batch_size=2)
     assert static == eager
 
@@ -54,7 +54,7 @@ def test_followups_of_unequal_lengths_in_one_batch_give_the_tokens_of_one_at_a_t
     for request, cut in zip(requests, (12, 9, 15)):
         request.followup_token_ids = request.prompt_token_ids[-cut:]
         request.prompt_token_ids = request.prompt_token_ids[:-cut]
-    one_at_a_time = Runner(smollm2, CachePolicy(), _silent()).run(requests, batch_size=1)
+    one_at_a_time = Runner(smollm2, FullCachePolicy(), _silent()).run(requests, batch_size=1)
     batched = Runner(smollm2, policy(), _silent()).run(requests, batch_size=3)
     assert batched == one_at_a_time
 
@@ -64,7 +64,7 @@ def test_kv_bytes_are_slot_arithmetic_that_agrees_with_the_eager_tensors(smollm2
     for request in requests:
         request.ignore_eos = True
     readings = {}
-    for policy in (CachePolicy(), StaticPolicy()):
+    for policy in (FullCachePolicy(), StaticPolicy()):
         runner = Runner(smollm2, policy, _silent())
         seen = []
         original = runner._record_tokens

@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from kvprof.cli import main
-from kvprof.models import ModelSpec, resolve_model
+from kvprof import ModelSpec
+from kvprof.models import resolve_model
 from kvprof import UsageError
 from kvprof.strategy import parse_options
 from kvprof.trace import Trace
-from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
+from kvprof import Request, WorkloadParams, WorkloadSpec
 from kvprof_h2o.attention import attend
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
 from kvprof_h2o.plugin import H2OStrategy
 from kvprof_h2o.policy import Budget
 from kvprof_transformers.loading import LoadedModel, load_model
-from kvprof_transformers.runner import CachePolicy
+from kvprof_transformers.runner import CachePolicy, FullCachePolicy
 from transformers_runs import run_policy
 
 # --- helpers -----------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_sliding_window_models_attend_as_with_the_full_cache(tmp_path: Path) -> 
     rng = random.Random(1)
     requests = [Request(f"req-{i}", [rng.randrange(256, 49152) for _ in range(24)], max_new_tokens=6,
                         ignore_eos=True) for i in range(2)]
-    full, _ = run_policy(loaded, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(loaded, FullCachePolicy(), requests, tmp_path / "full.arrow")
     with pytest.raises(UsageError, match="engine=eager"):
         h2o_policy(loaded, heavy_tokens="21", recent_tokens="8")
     h2o, trace = run_policy(loaded, h2o_policy(loaded, heavy_tokens="21", recent_tokens="8", engine="eager"),
@@ -325,7 +326,7 @@ def passkey_requests(smollm2: LoadedModel) -> list[Request]:
 
 @pytest.fixture(scope="module")
 def full_run(smollm2: LoadedModel, passkey_requests: list[Request], tmp_path_factory: pytest.TempPathFactory):
-    return run_policy(smollm2, CachePolicy(), passkey_requests, tmp_path_factory.mktemp("full") / "full.arrow")
+    return run_policy(smollm2, FullCachePolicy(), passkey_requests, tmp_path_factory.mktemp("full") / "full.arrow")
 
 
 @pytest.mark.slow

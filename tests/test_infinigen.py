@@ -22,7 +22,7 @@ from kvprof_infinigen.policy import require_room
 from kvprof_infinigen.selection import select_tokens, select_within_cap, speculative_scores
 from kvprof_infinigen.skewing import skew_from
 from kvprof_transformers.loading import LoadedModel, load_model
-from kvprof_transformers.runner import CachePolicy
+from kvprof_transformers.runner import CachePolicy, FullCachePolicy
 
 from transformers_runs import build_requests, offload_events, run_policy
 
@@ -139,7 +139,7 @@ def test_skew_is_orthogonal_keeps_scores_and_concentrates_energy() -> None:
 def test_alpha_large_enough_to_select_everything_reproduces_full(smollm2: LoadedModel, engine: str,
                                                                  tmp_path: Path) -> None:
     requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)
-    full, _ = run_policy(smollm2, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(smollm2, FullCachePolicy(), requests, tmp_path / "full.arrow")
     policy = infinigen_policy(smollm2, alpha=1e9, budget=1.0, calibration_tokens=256, engine=engine)
     outputs, trace = run_policy(smollm2, policy, requests, tmp_path / "infinigen.arrow")
     assert outputs == full
@@ -299,7 +299,7 @@ def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedMod
 def test_both_column_choices_reproduce_full_when_everything_is_selected(tiny4: LoadedModel, columns: str,
                                                                       engine: str, tmp_path: Path) -> None:
     requests = build_requests(tiny4, "synthetic", prompt_len=48, output_len=5, num_prompts=2)
-    full, _ = run_policy(tiny4, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(tiny4, FullCachePolicy(), requests, tmp_path / "full.arrow")
     policy = infinigen_policy(tiny4, alpha=1e9, budget=1.0, calibration_tokens=64, partial_columns=columns,
                               engine=engine)
     outputs, trace = run_policy(tiny4, policy, requests, tmp_path / "infinigen.arrow")

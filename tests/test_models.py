@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvprof.models import EMBEDDED, ModelSpec, builtin_aliases, embedded_checkpoint, resolve_model
+from kvprof import ModelSpec
+from kvprof.models import EMBEDDED, builtin_aliases, embedded_checkpoint, resolve_model
 from kvprof import UsageError
 
 TINY = {

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvprof.clock import Clock
+from kvprof import Clock
 from kvprof.models import resolve_model
 from kvprof.testing import conformance
 from kvprof_transformers.host_store import DeviceRing, HostKVStore
 from kvprof_transformers.loading import LoadedModel, load_model
 from kvprof_transformers.offload import HostOffloadPolicy, StaticOffloadPolicy
-from kvprof_transformers.runner import CachePolicy
+from kvprof_transformers.runner import FullCachePolicy
 
 from transformers_runs import build_requests, offload_events, run_policy
 
@@ -52,7 +52,7 @@ def test_offload_generates_what_full_generates_also_with_padding(smollm2: Loaded
     requests = build_requests(smollm2, "passkey", prompt_len=256, output_len=6, num_prompts=2, depth=0.3)
     # A shorter second prompt: the batch is left-padded, so the runner's 2-D mask is in play.
     requests[1] = dataclasses.replace(requests[1], prompt_token_ids=requests[1].prompt_token_ids[45:])
-    full, _ = run_policy(smollm2, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(smollm2, FullCachePolicy(), requests, tmp_path / "full.arrow")
     offload, trace = run_policy(smollm2, HostOffloadPolicy(), requests, tmp_path / "offload.arrow")
     assert offload == full
     assert len(full[0]) == 6
@@ -75,7 +75,7 @@ def tiny() -> LoadedModel:
 def test_offload_events_account_for_every_copy(tiny: LoadedModel, tmp_path: Path) -> None:
     prompt, output = 48, 5
     requests = build_requests(tiny, "synthetic", prompt_len=prompt, output_len=output, num_prompts=2)
-    full, _ = run_policy(tiny, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(tiny, FullCachePolicy(), requests, tmp_path / "full.arrow")
     outputs, trace = run_policy(tiny, HostOffloadPolicy(), requests, tmp_path / "offload.arrow")
     assert outputs == full
 
@@ -110,7 +110,7 @@ def test_the_fast_engine_generates_what_full_generates_also_with_padding(tiny: L
                                                                          tmp_path: Path) -> None:
     requests = build_requests(tiny, "synthetic", prompt_len=48, output_len=5, num_prompts=3)
     requests[1] = dataclasses.replace(requests[1], prompt_token_ids=requests[1].prompt_token_ids[7:])
-    full, _ = run_policy(tiny, CachePolicy(), requests, tmp_path / "full.arrow")
+    full, _ = run_policy(tiny, FullCachePolicy(), requests, tmp_path / "full.arrow")
     outputs, trace = run_policy(tiny, StaticOffloadPolicy(overlap=overlap), requests, tmp_path / "offload.arrow")
     assert outputs == full
 

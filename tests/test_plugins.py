@@ -22,8 +22,8 @@ from kvprof.trace import partial_path, read_trace
 CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
 
 GOOD = '''
-from kvprof.hookspecs import hookimpl
-from kvprof.strategy import Strategy
+from kvprof import hookimpl
+from kvprof import Strategy
 
 
 class Noop(Strategy):
@@ -36,7 +36,7 @@ def kvprof_register_strategies(register):
 '''
 IMPORT_ERROR = "import a_module_nobody_installed\n"
 BAD_SIGNATURE = '''
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 
 
 @hookimpl
@@ -44,7 +44,7 @@ def kvprof_register_strategies(register, budget):
     pass
 '''
 UNKNOWN_HOOK = '''
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 
 
 @hookimpl
@@ -52,7 +52,7 @@ def kvprof_on_step(event):
     pass
 '''
 RAISES_AT_REGISTRATION = '''
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 
 
 @hookimpl
@@ -191,14 +191,15 @@ def test_the_sink_and_analysis_examples_of_contributing_work(site: Path, tmp_pat
 
 def test_loading_the_built_in_plugins_imports_no_framework() -> None:
     # `kvprof plugins` and `kvprof analyze` load every plugin: the registering modules must stay
-    # cheap. The example plugin (streamingllm) is left out: it may import torch for readability.
+    # cheap, the example third-party plugin (streamingllm) included.
     import os
     import subprocess
 
-    code = ("from kvprof.plugins import load_plugins; load_plugins(); "
+    code = ("from kvprof.plugins import load_plugins; plugins = load_plugins(); "
+            "assert not plugins.failures and 'streamingllm' in plugins.registry.strategies, plugins.failures; "
             "import sys; loaded = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; "
             "assert not loaded, loaded")
-    env = os.environ | {"KVPROF_PLUGINS": "sinks,models,analyses,transformers,h2o,infinigen,vllm"}
+    env = os.environ | {"KVPROF_PLUGINS": "sinks,models,analyses,transformers,h2o,infinigen,vllm,streamingllm"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -279,7 +280,7 @@ def test_plugins_analyze_and_trace_work_beside_rude_plugins(rude: Path, tmp_path
     trace_path = tmp_path / "full.arrow"
     assert main(["trace", "--plugin", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len", "16",
                  "--output-len", "2", "-o", str(trace_path)]) == 0
-    assert read_trace(trace_path).run["plugin"] == "full"
+    assert read_trace(trace_path).run["strategy"] == "full"
 
 
 @pytest.mark.parametrize("strategy, message", [

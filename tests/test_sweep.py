@@ -3,18 +3,18 @@
 import pytest
 
 from kvprof import cli
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 from kvprof import UsageError
 from kvprof.sweep import parse_grid, plan
 from kvprof.trace import partial_path, read_trace
-from kvprof.workloads import WorkloadParams
+from kvprof import WorkloadParams
 
 
 def test_option_axes_apply_only_to_plugins_that_take_them():
     points = plan(["full", "h2o"], WorkloadParams(), {"prompt_len": [64, 128], "batch_size": [1, 2]},
                   parse_grid(["heavy_ratio=0.1,0.2"]))
-    assert len([p for p in points if p.plugin == "full"]) == 4
-    assert len([p for p in points if p.plugin == "h2o"]) == 8
+    assert len([p for p in points if p.strategy == "full"]) == 4
+    assert len([p for p in points if p.strategy == "h2o"]) == 8
     assert {p.params.num_prompts for p in points if p.params.batch_size == 2} == {2}
     names = {p.file_name() for p in points}
     assert "h2o-heavy_ratio=0.2-p128-b2-o32.arrow" in names and len(names) == 12

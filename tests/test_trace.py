@@ -14,7 +14,7 @@ import pyarrow.dataset
 import pyarrow.feather as feather
 import pytest
 
-from kvprof.events import Event, Kind
+from kvprof import Event, Kind
 from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, partial_path, read_trace
 from kvprof.trace.schema import META_RUN, META_VERSION, arrow_schema, published
 from kvprof.trace.validate import validate_trace
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_events(path: Path, events: list[Event], close: bool = True, batch_rows: int = 2) -> ArrowTraceWriter:
-    writer = ArrowTraceWriter(path, {"plugin": "test"}, batch_rows=batch_rows)
+    writer = ArrowTraceWriter(path, {"strategy": "test"}, batch_rows=batch_rows)
     for seq, event in enumerate(events):
         event.seq, event.run_id = seq, "r1"
         writer.add(event)
@@ -48,7 +48,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     write_events(path, some_events())
     trace = read_trace(path)
     assert not trace.truncated and trace.warnings == []
-    assert trace.run == {"plugin": "test"}
+    assert trace.run == {"strategy": "test"}
     evict = trace.of_kind("evict").to_pylist()[0]
     assert evict["positions"] == [[1, 2], [7]]
     assert evict["reason"] == "h2o" and evict["src_medium"] == "device"
@@ -165,8 +165,8 @@ def test_changed_run_metadata_is_corruption(tmp_path):
     path = tmp_path / "t.arrow"
     write_events(path, some_events())
     data = path.read_bytes()
-    assert data.count(b'"plugin": "test"') == 2  # the stream's schema and the footer's
-    path.write_bytes(data.replace(b'"plugin": "test"', b'"plugin": "tesT"', 1))
+    assert data.count(b'"strategy": "test"') == 2  # the stream's schema and the footer's
+    path.write_bytes(data.replace(b'"strategy": "test"', b'"strategy": "tesT"', 1))
     with pytest.raises(TraceError, match="metadata does not match its checksum"):
         read_trace(path)
 
@@ -238,7 +238,7 @@ def test_values_out_of_physical_range_are_flagged(tmp_path):
 def test_the_trace_keeps_its_partial_name_until_the_run_finishes(tmp_path):
     path = tmp_path / "t.arrow"
     path.write_bytes(b"the previous trace")
-    writer = ArrowTraceWriter(path, {"plugin": "test"})
+    writer = ArrowTraceWriter(path, {"strategy": "test"})
     event = Event(Kind.RUN_START, 0, 0, seq=0, run_id="r1")
     writer.kvprof_run_start(event)
     assert writer.partial.exists() and path.read_bytes() == b"the previous trace"
@@ -249,7 +249,7 @@ def test_the_trace_keeps_its_partial_name_until_the_run_finishes(tmp_path):
 def test_a_failed_run_keeps_its_partial_name_and_the_previous_trace(tmp_path):
     path = tmp_path / "t.arrow"
     path.write_bytes(b"the previous trace")
-    writer = ArrowTraceWriter(path, {"plugin": "test"})
+    writer = ArrowTraceWriter(path, {"strategy": "test"})
     writer.kvprof_run_start(Event(Kind.RUN_START, 0, 0, seq=0, run_id="r1"))
     writer.kvprof_run_end(Event(Kind.RUN_END, 1, 1, seq=1, run_id="r1", ext={"failed": 1.0}),
                           error=RuntimeError("boom"))
@@ -335,3 +335,17 @@ def _decode_steps(path: Path) -> int:
         return len(read_trace(path).of_kind("decode_step"))
     except TraceError:
         return 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "traces" / "examples").rglob("*.arrow")),
+                         ids=lambda path: path.name)
+def test_traces_that_name_the_strategy_plugin_read_with_it_as_strategy(path: Path) -> None:
+    """Traces written before RunInfo.strategy name it `plugin` in their run metadata."""
+    try:
+        schema = pa.ipc.open_file(path).schema
+    except pa.ArrowInvalid:  # schema 1.0: an IPC stream
+        schema = pa.ipc.open_stream(path).schema
+    written = json.loads(schema.metadata[META_RUN])
+    assert "plugin" in written and "strategy" not in written
+    run = read_trace(path).run
+    assert run["strategy"] == written["plugin"] and "plugin" not in run

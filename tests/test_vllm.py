@@ -189,7 +189,7 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
     from kvprof.models import resolve_model
     from kvprof.session import TraceSettings, run_trace
     from kvprof.strategy import parse_options
-    from kvprof.workloads import WorkloadParams, WorkloadSpec
+    from kvprof import WorkloadParams, WorkloadSpec
     from kvprof_vllm.plugin import VllmStrategy
     from kvprof_vllm.run import run_plain
 
@@ -199,7 +199,7 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
     # 4 requests, 2 at a time: the later ones queue, so TTFTs differ.
     spec = WorkloadSpec("facts", WorkloadParams(prompt_len=160, output_len=12, num_prompts=4, batch_size=2))
     raw_options = {"enforce_eager": "true"}
-    outcome = run_trace(TraceSettings(plugin="vllm", workload=spec, options=raw_options, trace_path=Path(trace_path)),
+    outcome = run_trace(TraceSettings(strategy="vllm", workload=spec, options=raw_options, trace_path=Path(trace_path)),
                         strategy_cls=Strategy)
     if outcome.error is not None:
         raise outcome.error
@@ -224,7 +224,7 @@ def _offload_through_observer(trace_path: str) -> str:
     from vllm.v1.metrics.stats import SchedulerStats
 
     from kvprof.plugins import load_plugins
-    from kvprof.profiler import Profiler, RunInfo
+    from kvprof import Profiler, RunInfo
     from kvprof_vllm.observer import StepObserver
 
     block = 32 * TOKEN_BYTES
@@ -234,7 +234,7 @@ def _offload_through_observer(trace_path: str) -> str:
         stats.increase_counter(f"vllm:kv_offload_{direction}_time", seconds)
         for size in sizes:
             stats.observe_histogram(f"vllm:kv_offload_{direction}_size", size)
-    profiler = Profiler(load_plugins().manager, RunInfo(plugin="vllm", model={}, workload={}, options={},
+    profiler = Profiler(load_plugins().manager, RunInfo(strategy="vllm", model={}, workload={}, options={},
                                                       trace_path=trace_path))
     profiler.start()
     observer = StepObserver()

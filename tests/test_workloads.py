@@ -1,7 +1,8 @@
 import pytest
 
 from kvprof import UsageError
-from kvprof.workloads import FILLER, WorkloadParams, WorkloadSpec, answer_is_correct, poisson_arrivals
+from kvprof import WorkloadParams, WorkloadSpec
+from kvprof.workloads import FILLER, answer_is_correct, poisson_arrivals
 
 
 def encode(text: str) -> list[int]:

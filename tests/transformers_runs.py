@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvprof.plugins import load_plugins
-from kvprof.profiler import Profiler, RunInfo
+from kvprof import Profiler, RunInfo
 from kvprof.trace import Trace, read_trace
-from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
+from kvprof import Request, WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.runner import CachePolicy, Runner
 
@@ -15,7 +15,7 @@ from kvprof_transformers.runner import CachePolicy, Runner
 def run_policy(loaded: LoadedModel, policy: CachePolicy, requests: list[Request], path: Path,
                detail: str = "layer") -> tuple[list[list[int]], Trace]:
     """Run `requests` as one batch under `policy`; the generated ids and the trace."""
-    run = RunInfo(plugin=policy.name, model={}, workload={}, options={}, trace_path=str(path), detail=detail)
+    run = RunInfo(strategy=policy.name, model={}, workload={}, options={}, trace_path=str(path), detail=detail)
     profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     try:

@@ -202,7 +202,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.allow_different_workloads:
         check_same_workload(traces)
     baseline = _baseline_index(args.baseline, traces)
-    full = next((trace for trace in traces if (trace.run or {}).get("plugin") == "full"), None)
+    full = next((trace for trace in traces if (trace.run or {}).get("strategy") == "full"), None)
     analyses = registered_analyses()
     runs = [analyze(trace, analyses, label=label, warmup_steps=args.warmup_steps, baseline=full,
                     percentiles=args.percentiles, slo=args.slo)

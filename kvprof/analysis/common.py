@@ -252,7 +252,7 @@ def run_label(trace: Trace) -> str:
         return run["label"]
     options = run.get("options") or {}
     shown = " ".join(f"{key}={value}" for key, value in sorted(options.items()) if _shown(value))
-    return f"{run.get('plugin') or trace.path.stem} {shown}".strip()
+    return f"{run.get('strategy') or trace.path.stem} {shown}".strip()
 
 
 def strategy_labels(traces: list[Trace]) -> list[str]:
@@ -265,8 +265,8 @@ def strategy_labels(traces: list[Trace]) -> list[str]:
         if run.get("label"):  # --label: the user named the run
             labels.append(run["label"])
             continue
-        plugin = run.get("plugin") or trace.path.stem
-        peers = [other.get("options") or {} for other in runs if other.get("plugin") == run.get("plugin")]
+        plugin = run.get("strategy") or trace.path.stem
+        peers = [other.get("options") or {} for other in runs if other.get("strategy") == run.get("strategy")]
         options = run.get("options") or {}
         varying = sorted(key for key in options if len({repr(peer.get(key)) for peer in peers}) > 1)
         labels.append(" ".join([plugin, *(f"{key}={options[key]}" for key in varying if _shown(options[key]))]))

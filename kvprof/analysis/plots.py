@@ -146,7 +146,7 @@ def accuracy_vs_budget(plt: Any, runs: list[RunAnalysis]) -> Any:
         params = ((run.trace.run or {}).get("workload") or {}).get("params") or {}
         panel = f"{(run.trace.run.get('workload') or {}).get('name')}, {params.get('prompt_len')} tokens, " \
                 f"question {retention.get('question', 'in_prompt')}"
-        points.append({"panel": panel, "strategy": run.trace.run.get("plugin") or run.label,
+        points.append({"panel": panel, "strategy": run.trace.run.get("strategy") or run.label,
                        "budget": retention["budget"], "correct": retention["overall"]["correct"],
                        "judged": retention["overall"]["requests"]})
     return retention_figure(points, "Retention accuracy against KV budget", plt)

@@ -49,7 +49,7 @@ def _run_facts(run: RunAnalysis) -> list[str]:
                       if k in params)
     facts = [
         f"trace: {run.trace.path} (schema {run.trace.schema_version})",
-        f"plugin: {info.get('plugin')} ({info.get('plugin_version') or '?'})  options: {info.get('options') or {}}",
+        f"strategy: {info.get('strategy')} ({info.get('plugin_version') or '?'})  options: {info.get('options') or {}}",
         f"model: {model.get('name')} ({model.get('weights')} weights)  device: {info.get('device')}",
         f"workload: {workload.get('name')} {shown}",
     ]

@@ -49,7 +49,7 @@ def result_document(trace: Trace, percentiles: tuple[float, ...] = DEFAULT_PERCE
         "trace": str(trace.path),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": {
-            "run_id": run.get("run_id"), "strategy": run.get("plugin"), "plugin_version": run.get("plugin_version"),
+            "run_id": run.get("run_id"), "strategy": run.get("strategy"), "plugin_version": run.get("plugin_version"),
             "options": run.get("options") or {}, "device": run.get("device"), "seed": run.get("seed"),
             "detail": run.get("detail"), "command": run.get("command"),
             "started": _iso(run.get("started_wall_s")),

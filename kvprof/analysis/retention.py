@@ -127,7 +127,7 @@ def retention(trace: Trace, baseline: Trace | None = None) -> dict[str, Any]:
     own = outcomes(trace)
     budget = kv_budget(trace.run or {})
     question = question_mode(trace)
-    if baseline is None and (trace.run or {}).get("plugin") == "full":
+    if baseline is None and (trace.run or {}).get("strategy") == "full":
         baseline = trace
     reference: dict[str, dict[str, Any]] = {}
     if baseline is not None:

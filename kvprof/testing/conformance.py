@@ -117,7 +117,7 @@ def check_strategy(
     plugins = load_plugins()
     strategy_cls = plugins.strategy(strategy) if isinstance(strategy, str) else strategy
     trace_path = trace_dir / f"{strategy_cls.name}-{detail}.arrow"
-    settings = TraceSettings(plugin=strategy_cls.name, model=model, weights=weights,
+    settings = TraceSettings(strategy=strategy_cls.name, model=model, weights=weights,
                              workload=WorkloadSpec(workload, params), options=options or {}, device=device,
                              detail=detail, seed=params.seed, trace_path=trace_path, overwrite=True)
     error = run_trace(settings, plugins, strategy_cls).error

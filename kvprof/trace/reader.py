@@ -250,6 +250,8 @@ def _parse_run(path: Path, run_json: bytes | None) -> dict[str, Any]:
         raise TraceError(f"{path}: corrupt: the run metadata ({META_RUN.decode()}) is not JSON ({exc})") from None
     if not isinstance(run, dict):
         raise TraceError(f"{path}: corrupt: the run metadata ({META_RUN.decode()}) is not a JSON object")
+    if "plugin" in run and "strategy" not in run:  # written before kvprof named it `strategy`
+        run["strategy"] = run.pop("plugin")
     return run
 
 

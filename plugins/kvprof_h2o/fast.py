@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kvprof.events import Medium, Phase
+from kvprof import Medium, Phase
 from kvprof import UsageError
 from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
 from kvprof_transformers.static_cache import decode_attention, prefill_attention

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvprof.hookspecs import hookimpl
+from kvprof import hookimpl
 from kvprof import UsageError
-from kvprof.strategy import Option, in_range, non_negative
+from kvprof import Option, in_range, non_negative
 from kvprof_transformers.plugin import TransformersStrategy
 
 if TYPE_CHECKING:  # torch: imported when the strategy runs, not when kvprof loads its plugins

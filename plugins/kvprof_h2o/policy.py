@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kvprof.events import Medium, Phase
+from kvprof import Medium, Phase
 from kvprof import UsageError
 from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from kvprof.events import Phase
+from kvprof import Phase
 from kvprof import UsageError
 
 from kvprof_infinigen.attention import AttentionAccess

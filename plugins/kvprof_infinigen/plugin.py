@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from kvprof.hookspecs import hookimpl
-from kvprof.strategy import Option, in_range, non_negative, positive
+from kvprof import hookimpl
+from kvprof import Option, in_range, non_negative, positive
 
 from kvprof_transformers.plugin import TransformersStrategy
 

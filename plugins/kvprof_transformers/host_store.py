@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvprof.clock import Clock
+from kvprof import Clock
 
 
 @dataclass

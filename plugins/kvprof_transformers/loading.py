@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from kvprof.models import ModelSpec
+from kvprof import ModelSpec
 from kvprof import UsageError
 from kvprof.workloads import chat_wrapping
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvprof.events import Medium, Phase
+from kvprof import Medium, Phase
 from kvprof import UsageError
 
 from kvprof_transformers.host_store import (

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from kvprof.hookspecs import hookimpl
-from kvprof.profiler import Profiler
-from kvprof.strategy import Option, RunContext, Strategy
+from kvprof import hookimpl
+from kvprof import Profiler
+from kvprof import Option, RunContext, Strategy
 
 if TYPE_CHECKING:  # the modules below import torch: `kvprof plugins` must not pay for it
     from kvprof_transformers.loading import LoadedModel
@@ -81,10 +81,10 @@ class FullStrategy(TransformersStrategy):
     )
 
     def make_policy(self, loaded: LoadedModel, options: dict) -> CachePolicy:
-        from kvprof_transformers.runner import CachePolicy, StaticPolicy
+        from kvprof_transformers.runner import FullCachePolicy, StaticPolicy
 
         if options.get("engine", "static") == "eager":
-            return CachePolicy()
+            return FullCachePolicy()
         return StaticPolicy(graphs=options.get("graphs", True))
 
     def policy_metadata(self, policy: CachePolicy) -> dict:

@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from kvprof.clock import Clock
-from kvprof.profiler import Profiler
+from kvprof import Clock
+from kvprof import Profiler
 from kvprof import UsageError
-from kvprof.workloads import Request
+from kvprof import Request
 
 from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.static_cache import (
@@ -78,12 +78,13 @@ class Batch:
 
 
 class CachePolicy:
-    """The eager engine's policy: transformers' DynamicCache, everything on the device.
+    """What a strategy on the runner implements: the part that decides what the cache holds.
 
-    `full --opt engine=eager` runs it; it is the reference the fast engine is tested against.
+    The runner calls the methods below in order. The defaults keep every token in transformers'
+    DynamicCache on the device (`FullCachePolicy`); a policy overrides what it changes.
     """
 
-    name = "full"
+    name: str                           # the strategy's name, in messages and metadata
     supports_followup = True            # may a second prefill chunk follow `after_prefill`?
 
     def bind(self, runner: Runner) -> None:
@@ -135,6 +136,15 @@ class CachePolicy:
         """Called once after the last batch: remove hooks, free buffers."""
 
 
+class FullCachePolicy(CachePolicy):
+    """The eager engine's `full` policy: the interface's defaults, nothing evicted or moved.
+
+    `full --opt engine=eager` runs it; it is the reference the fast engine is tested against.
+    """
+
+    name = "full"
+
+
 class StaticPolicy(CachePolicy):
     """The fast engine's policy (`full`): a preallocated `StaticKV`, attended by kvprof.
 
@@ -142,6 +152,8 @@ class StaticPolicy(CachePolicy):
     in the decode graph when `decoding`), `before_decode_step` / `after_decode_step` (inside
     the graph: device work only) and `drain` (on the host, for steps already finished).
     """
+
+    name = "full"
 
     def __init__(self, graphs: bool = True) -> None:
         self.graphs = graphs

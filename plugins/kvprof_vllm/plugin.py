@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from kvprof.hookspecs import hookimpl
-from kvprof.strategy import Option, RunContext, Strategy, in_range, positive
+from kvprof import hookimpl
+from kvprof import Option, RunContext, Strategy, in_range, positive
 
 VLLM_OPTIONS = (
     Option("gpu_memory_utilization", None, "fraction of GPU memory vLLM may use (CPU build: of host memory)",

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from kvprof.models import ModelSpec
-from kvprof.profiler import Profiler
+from kvprof import ModelSpec
+from kvprof import Profiler
 from kvprof import UsageError
-from kvprof.strategy import RunContext
-from kvprof.workloads import Request, Workload, WorkloadSpec
+from kvprof import RunContext
+from kvprof import Request, WorkloadSpec
+from kvprof.workloads import Workload
 from kvprof_vllm import engine as vllm_engine
 from kvprof_vllm.observer import StepObserver
 from kvprof_vllm.scheduler import SCHEDULER_CLS, observed_by

@@ -13,7 +13,7 @@ import pytest
 
 from kvprof.cli import main
 from kvprof.trace import read_trace
-from kvprof.workloads import WorkloadParams
+from kvprof import WorkloadParams
 
 SINKS, RECENT = 4, 32
 OPTIONS = {"sink_tokens": SINKS, "recent_tokens": RECENT}
@@ -47,16 +47,16 @@ def test_rows_of_different_lengths_lose_their_padding_too(tmp_path: Path, kvprof
     # The built-in workloads give every request the same length; drive the runner directly.
     from kvprof.models import resolve_model
     from kvprof.plugins import load_plugins
-    from kvprof.profiler import Profiler, RunInfo
-    from kvprof.workloads import Request
+    from kvprof import Profiler, RunInfo
+    from kvprof import Request
     from kvprof_transformers.loading import load_model
     from kvprof_transformers.runner import Runner
 
-    from kvprof_streamingllm.plugin import StreamingLLMPolicy
+    from kvprof_streamingllm.policy import StreamingLLMPolicy
 
     model = resolve_model("tiny-llama", "random")
     path = tmp_path / "padded.arrow"
-    run = RunInfo(plugin="streamingllm", model=model.to_dict(), workload={}, options=OPTIONS, trace_path=str(path))
+    run = RunInfo(strategy="streamingllm", model=model.to_dict(), workload={}, options=OPTIONS, trace_path=str(path))
     profiler = Profiler(load_plugins().manager, run)
     profiler.start()
     requests = [Request("short", list(range(300, 360)), 4, ignore_eos=True),
