@@ -34,8 +34,14 @@ def plot(runs: dict[str, dict[str, dict]], title: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
-    for ax, (config, by_run) in zip(axes[0], sorted(runs.items())):
+    configs = sorted(runs, key=lambda config: tuple(int(n) for n in config.split("x")))  # prompt, then batch
+    columns = min(len(configs), 2)
+    rows = -(-len(configs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(configs):]:
+        ax.set_visible(False)
+    for ax, config in zip(axes.flat, configs):
+        by_run = runs[config]
         names = list(by_run)
         x = range(len(names))
         ax.bar(x, [by_run[n]["decode_ms_per_token_median"] for n in names], width=0.35, label="decode step",
@@ -47,7 +53,7 @@ def plot(runs: dict[str, dict[str, dict]], title: str, out: Path) -> None:
         prompt, batch = config.split("x")
         ax.set_title(f"{prompt}-token prompt, batch {batch}")
         ax.set_ylabel("ms per token (median)")
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
