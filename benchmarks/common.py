@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
+from kvprof import Profiler, RunContext, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.plugins import Registry, load_plugins
-from kvprof import Profiler, RunInfo
-from kvprof import RunContext
 from kvprof.strategy import parse_options
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel
 
 
@@ -22,7 +20,8 @@ def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, 
     attaches no sinks (warm-up)."""
     strategy_cls = registry.strategy(name)
     options = parse_options(strategy_cls.options, raw_options)
-    run = RunInfo(strategy=name, model=spec.to_dict(), workload={"name": workload.name, "params": vars(workload.params)},
+    run = RunInfo(strategy=name, model=spec.to_dict(),
+                  workload={"name": workload.name, "params": vars(workload.params)},
                   options=options, device=str(loaded.device), trace_path=str(trace_path) if trace_path else None,
                   sinks_enabled=trace_path is not None, seed=workload.params.seed, detail=detail)
     profiler = Profiler(load_plugins().manager, run)

@@ -29,16 +29,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import run_harness  # noqa: E402
 from common import run_strategy, synthetic  # noqa: E402
+from harness import run_harness  # noqa: E402
 from infinigen_gpu import peak_copy_bandwidth, summarize  # noqa: E402
-from overhead import measure_overhead  # noqa: E402
-
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
 from kvprof.plugins import Registry, load_plugins  # noqa: E402
 from kvprof.trace import read_trace  # noqa: E402
 from kvprof_transformers.loading import load_model  # noqa: E402
+from overhead import measure_overhead  # noqa: E402
 
 
 def device_copy_bandwidth(device: str, mib: int = 2048, repeats: int = 10) -> float:
@@ -73,7 +72,7 @@ def compare_with_harness(loaded: Any, spec: Any, registry: Registry, batch: int,
     torch.cuda.empty_cache() if loaded.device.type == "cuda" else None
     kvprof_itl, kvprof_ttft, kvprof_prefill = [], [], []
     run_strategy(registry, "full", spec, loaded, {}, synthetic(prompt_len, 4, batch), None)  # warm-up
-    for round_index in range(rounds):
+    for _ in range(rounds):
         path = out_dir / f"full-b{batch}.arrow"
         run_strategy(registry, "full", spec, loaded, {}, synthetic(prompt_len, output_len, batch), path)
         trace = read_trace(path)

@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import run_strategy, synthetic  # noqa: E402
-
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
 from kvprof.plugins import Registry, load_plugins  # noqa: E402
@@ -90,7 +89,8 @@ def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict
     return {"strategy": name, "options": options, "batch_size": batch, "detail": detail,
             "ttft_ms_median": latency["ttft"]["median"], "itl_ms_median": latency["itl"]["median"],
             "itl_ms_p99": latency["itl"]["p99"], "kv_device_bytes_peak": stats["kv_bytes"]["device"]["peak"],
-            "profiler_cost_s": stats["run"]["profiler_cost_s"], "profiler_cost_share": stats["run"]["profiler_cost_share"]}
+            "profiler_cost_s": stats["run"]["profiler_cost_s"],
+            "profiler_cost_share": stats["run"]["profiler_cost_share"]}
 
 
 def main(argv: list[str] | None = None) -> int:

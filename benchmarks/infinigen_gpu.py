@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from common import run_strategy, synthetic
-
 from kvprof.models import resolve_model
 from kvprof.plugins import Registry, load_plugins
 from kvprof.trace import Trace, read_trace
@@ -160,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if index == 0 and args.profile_eager_offload and device == "cuda":
             figures["eager_offload_profile"] = profile_eager_offload(registry, spec, loaded, args.out_dir)
             out.write_text(json.dumps(figures, indent=2) + "\n")
-    from kvprof_transformers.host_store import _TRITON
-
     from kvprof_infinigen.selection import _KERNELS
+    from kvprof_transformers.host_store import _TRITON
 
     figures["triton_errors"] = {k: v for k, v in _TRITON.items() if k.endswith("_error")}
     figures["fused_selection_error"] = _KERNELS.get("failed")
@@ -264,8 +262,8 @@ def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path
                                      ("infinigen_static", "infinigen", {})):
             path = out_dir / f"check-{label}.arrow"
             detail = "head" if label in ("infinigen_eager", "infinigen_static") else "layer"
-            run_strategy(registry, name, spec, loaded, {**infinigen_options, **options} if name == "infinigen" else options,
-                         workload, path, detail=detail)
+            chosen = {**infinigen_options, **options} if name == "infinigen" else options
+            run_strategy(registry, name, spec, loaded, chosen, workload, path, detail=detail)
             trace = read_trace(path)
             tokens[label] = [r["tokens"] for r in trace.of_kind("request_end").to_pylist()]
             if detail == "head":

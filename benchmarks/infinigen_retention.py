@@ -23,14 +23,13 @@ from typing import Any
 
 import torch
 
+from infinigen_gpu import run_strategy
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof.analysis.retention import retention
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
 from kvprof.trace import Trace, read_trace
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import load_model
-
-from infinigen_gpu import run_strategy
 
 PROBES = (("passkey", 0.1), ("passkey", 0.5), ("passkey", 0.9), ("facts", None))
 

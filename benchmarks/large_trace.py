@@ -42,8 +42,8 @@ def events_per_batch() -> int:
 
 def write(path: Path, target_events: int) -> tuple[int, float]:
     """Emit about `target_events` events into `path`; returns (events, seconds)."""
-    from kvprof.plugins import load_plugins
     from kvprof import Profiler, RunInfo
+    from kvprof.plugins import load_plugins
     from kvprof.trace import ArrowTraceWriter
 
     batches = max(1, round(target_events / events_per_batch()))

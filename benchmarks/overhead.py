@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvprof import Profiler, RunContext, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
-from kvprof import RunContext
 from kvprof.strategy import parse_options
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel, load_model
 
 
@@ -143,8 +141,9 @@ def main() -> None:
                                    args.repeats, Path(folder))
     print(f"decode time per token, median of {args.repeats} interleaved ({args.model}, {args.device}, "
           f"prompt {args.prompt_len}, batch {args.batch_size}):")
-    print(f"  hooks off : {figures['decode_ms_per_token_hooks_off']:8.3f} ms  (IQR {figures['iqr_over_median_off']:.2%})")
-    print(f"  sinks on  : {figures['decode_ms_per_token_sinks_on']:8.3f} ms  (IQR {figures['iqr_over_median_on']:.2%})")
+    off, on = figures["decode_ms_per_token_hooks_off"], figures["decode_ms_per_token_sinks_on"]
+    print(f"  hooks off : {off:8.3f} ms  (IQR {figures['iqr_over_median_off']:.2%})")
+    print(f"  sinks on  : {on:8.3f} ms  (IQR {figures['iqr_over_median_on']:.2%})")
     print(f"  ratio on/off: {figures['ratio_on_over_off']:.4f}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

@@ -23,16 +23,15 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from kvprof import Profiler, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.cli import parse_key_values
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_vllm.engine import import_vllm, run_requests
 from kvprof_vllm.plugin import VllmStrategy
 

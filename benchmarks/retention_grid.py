@@ -73,7 +73,6 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, str, str, dict[str,
 
 def run(args: argparse.Namespace, only: list[tuple] | None = None) -> None:
     from common import run_strategy
-
     from kvprof.models import resolve_model
     from kvprof.plugins import load_plugins
     from kvprof_transformers.loading import load_model

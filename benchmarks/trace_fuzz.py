@@ -25,7 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a refusal said, by the first of these phrases its message holds.
-REASONS = ("metadata does not match its checksum", "does not match its checksum", "is inconsistent", "cannot be decoded", "truncated inside its header",
+REASONS = ("metadata does not match its checksum", "does not match its checksum", "is inconsistent",
+           "cannot be decoded", "truncated inside its header",
            "not an Arrow IPC", "not MAJOR.MINOR", "newer than", "older than", "not a kvprof trace",
            "not a readable kvprof", "not UTF-8", "is not JSON", "is not a JSON object", "has no requests",
            "holds no events")
@@ -107,7 +108,8 @@ def main() -> None:
         from kvprof.trace import read_trace
 
         source = read_trace(trace)
-        description = {"trace": str(args.trace or "h2o on smollm2-135m, passkey 256 tokens, batch 2, 8 out, --flush-s 0"),
+        default = "h2o on smollm2-135m, passkey 256 tokens, batch 2, 8 out, --flush-s 0"
+        description = {"trace": str(args.trace or default),
                        "bytes": trace.stat().st_size, "events": len(source), "schema": source.schema_version}
     counts = Counter(record["outcome"] for record in records)
     summary = {"machine": "CPU", "source": description, "mutations": len(records), "seconds": round(seconds, 1),

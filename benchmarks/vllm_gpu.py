@@ -31,20 +31,19 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from kvprof import ModelSpec, Profiler, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.analysis.common import Events
 from kvprof.analysis.summary import finished_requests
 from kvprof.analysis.summary import summary as trace_summary
-from kvprof import ModelSpec
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
 from kvprof.session import default_device
 from kvprof.strategy import parse_options
 from kvprof.trace import read_trace
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_vllm.engine import import_vllm, run_requests
 from kvprof_vllm.plugin import VllmStrategy
 

@@ -15,18 +15,19 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from kvprof import __version__
 from kvprof.analysis.common import parse_percentiles
 from kvprof.analysis.results import result_path
 from kvprof.analysis.summary import parse_slo
+from kvprof.errors import SinkError, TraceWriteError, UsageError
 from kvprof.models import EMBEDDED, WEIGHTS
-from kvprof.errors import SinkError, TraceWriteError
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.errors import UsageError
+from kvprof.strategy import Strategy
 from kvprof.trace.writer import partial_path
 from kvprof.workloads import QUESTION_MODES, WORKLOADS, WorkloadParams, WorkloadSpec
 
@@ -233,7 +234,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     error = outcome.error
     cause = error.__cause__ if isinstance(error, SinkError) else error
     written = None
-    if result_file is not None and not isinstance(cause, OSError):  # no result from a trace the OS cut
+    if result_file is not None and trace_path is not None and not isinstance(cause, OSError):  # the OS cut: no result
         # A run that did not finish left its trace, and gets its result file, under the partial name.
         source = trace_path if error is None else partial_path(trace_path)
         target = result_file if error is None or args.result else result_path(source)
@@ -398,7 +399,7 @@ def _add_plugins(commands: Any) -> None:
 def describe_plugins() -> list[dict[str, Any]]:
     plugins = load_plugins()
     pm, registry = plugins.manager, plugins.registry
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda item: item[0]):
         distribution, version = plugins.versions.get(name, (name, "?"))
         strategies = sorted(s for s, p in registry.strategy_plugins.items() if p == name)
@@ -413,7 +414,7 @@ def describe_plugins() -> list[dict[str, Any]]:
     return rows
 
 
-def describe_strategy(strategy: type) -> dict[str, Any]:
+def describe_strategy(strategy: type[Strategy]) -> dict[str, Any]:
     """A strategy's name, description and options (name, type, default, help)."""
     return {"name": strategy.name, "description": strategy.description,
             "options": [{"name": option.name, "type": (option.kind or type(option.default)).__name__,

@@ -4,8 +4,9 @@ It is a plugin object the CLI registers for the command's duration (not a per-ru
 sees what happens before a run's sinks exist: the strategy's status messages while the model
 loads, warms up and captures graphs (`kvprof_status`, sent by `Profiler.status`). From
 run_start on it counts the workload the run recorded: requests prefilled (at their first
-prefill event) out of the planned requests, and decode tokens out of the planned ones (each request's max_new_tokens - 1, less
-what a request that stopped early at EOS will never produce), with rates and an ETA. A sweep
+prefill event) out of the planned requests, and decode tokens out of the planned ones (each
+request's max_new_tokens - 1, less what a request that stopped early at EOS will never produce),
+with rates and an ETA. A sweep
 adds one line for its points. The CLI shows it by default on a terminal; `--quiet` hides it.
 """
 
@@ -15,8 +16,16 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from kvprof.events import Event

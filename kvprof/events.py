@@ -6,8 +6,9 @@ start_ns == end_ns. The other fields are filled where they apply and are None el
 Each field's unit is in its name (`_ns`, `_bytes`) or is a count (tokens, positions, layers).
 
 The Arrow column list lives in `kvprof.trace.schema`, one column per field of `FIELDS` below in
-the same order (the schema module checks it), and is published in `schemas/`. Field names follow existing vocabularies where one exists: vLLM's KV
-events (`block_hashes`, `medium`) and OpenTelemetry's gen_ai conventions (request ids).
+the same order (the schema module checks it), and is published in `schemas/`. Field names
+follow existing vocabularies where one exists: vLLM's KV events (`block_hashes`, `medium`) and
+OpenTelemetry's gen_ai conventions (request ids).
 """
 
 from __future__ import annotations

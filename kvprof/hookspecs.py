@@ -30,7 +30,8 @@ run with a `kvprof.errors.SinkError` that names the sink's plugin (`KVPROF_DEBUG
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -137,7 +137,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config = copy.deepcopy(packed.config)
     del config.quantization_config
     config.dtype = torch.bfloat16
-    model = type(packed)(config).to(torch.bfloat16)
+    model: Any = type(packed)(config)
+    model = model.to(torch.bfloat16)
     model.load_state_dict(packed.state_dict(), strict=True)
     model.save_pretrained(out)
 

@@ -9,10 +9,11 @@ registration hook is left out and recorded as a `PluginFailure` (`kvprof plugins
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import pluggy
 

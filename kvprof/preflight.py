@@ -10,9 +10,9 @@ from typing import Any
 
 import pluggy
 
+from kvprof.errors import UsageError
 from kvprof.models import ModelSpec
 from kvprof.plugins import PLUGINS_ENV
-from kvprof.errors import UsageError
 from kvprof.workloads import WorkloadSpec, chat_wrapping
 
 DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")

@@ -169,8 +169,8 @@ class Profiler:
         """Register each plugin's sinks under "<plugin>:<class>", so an error can name them."""
         arguments = {"run": self.run, "profiler": self}
         for impl in self.pm.hook.kvprof_make_sinks.get_hookimpls():
-            sinks = impl.function(**{name: arguments[name] for name in impl.argnames}) or ()
-            for index, sink in enumerate(sinks):
+            sinks: Any = impl.function(**{name: arguments[name] for name in impl.argnames})  # a list, or None
+            for index, sink in enumerate(sinks or ()):
                 name = f"{self.pm.get_name(impl.plugin)}:{type(sink).__name__}"
                 self.pm.register(sink, name=name if self.pm.get_plugin(name) is None else f"{name}#{index}")
                 self._sinks.append(sink)

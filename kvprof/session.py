@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvprof.models import EMBEDDED, resolve_model
-from kvprof.preflight import check_run, check_trace_sink
-from kvprof.plugins import LoadedPlugins, load_plugins
-from kvprof.profiler import Profiler, RunInfo, describe_environment
 from kvprof.errors import UsageError
+from kvprof.models import EMBEDDED, resolve_model
+from kvprof.plugins import LoadedPlugins, load_plugins
+from kvprof.preflight import check_run, check_trace_sink
+from kvprof.profiler import Profiler, RunInfo, describe_environment
 from kvprof.strategy import RunContext, Strategy, parse_options
 from kvprof.workloads import WorkloadSpec
 

@@ -8,8 +8,9 @@ inside: it validates options, builds the RunContext, and hands over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvprof.errors import UsageError
 

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kvprof.analysis.results import result_path, write_result
+from kvprof.errors import UsageError
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.errors import UsageError
 from kvprof.trace import TraceError, partial_path, read_trace
 from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
 

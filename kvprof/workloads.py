@@ -24,8 +24,9 @@ chat wrapping `(before, after)` around a user message, so this module imports no
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from kvprof.errors import UsageError
 
@@ -81,7 +82,8 @@ class Workload:
             "params": self.params,
             "requests": [
                 {"request_id": r.request_id, "prompt_tokens": len(r.prompt_token_ids),
-                 "followup_tokens": len(r.followup_token_ids), "max_new_tokens": r.max_new_tokens, "arrival_s": r.arrival_s,
+                 "followup_tokens": len(r.followup_token_ids), "max_new_tokens": r.max_new_tokens,
+                 "arrival_s": r.arrival_s,
                  "probe": asdict(r.probe) if r.probe else None}
                 for r in self.requests
             ],
@@ -112,7 +114,8 @@ class WorkloadParams:
         if self.rate is not None and self.rate <= 0:
             raise UsageError(f"workload parameter rate={self.rate} must be positive")
         if self.question not in QUESTION_MODES:
-            raise UsageError(f"workload parameter question={self.question!r}: choose one of {', '.join(QUESTION_MODES)}")
+            raise UsageError(f"workload parameter question={self.question!r}: "
+                             f"choose one of {', '.join(QUESTION_MODES)}")
         if self.num_facts > len(FACTS):
             raise UsageError(f"workload parameter num_facts={self.num_facts}: at most {len(FACTS)}")
 

@@ -6,21 +6,31 @@ from __future__ import annotations
 import json
 
 import pytest
-from analysis_traces import (
-    MS, batch_events, batch_trace, ev, passkey_requests, retention_trace, run_info, write_trace,
-)
 
+from analysis_traces import (
+    MS,
+    batch_events,
+    batch_trace,
+    ev,
+    passkey_requests,
+    retention_trace,
+    run_info,
+    write_trace,
+)
+from kvprof import Kind, UsageError
 from kvprof.analysis import analyze
 from kvprof.analysis.breakdown import breakdown
 from kvprof.analysis.common import Events
-from kvprof.errors import NotApplicable
 from kvprof.analysis.compare import check_same_schema, check_same_workload, compare
 from kvprof.analysis.retention import kv_budget, retention, wilson_interval
 from kvprof.analysis.summary import (
-    context_tokens_in_flight, decode_steps, finished_requests, inter_token_latencies_ns, summary,
+    context_tokens_in_flight,
+    decode_steps,
+    finished_requests,
+    inter_token_latencies_ns,
+    summary,
 )
-from kvprof import Kind
-from kvprof import UsageError
+from kvprof.errors import NotApplicable
 from kvprof.trace import Trace, read_trace
 
 

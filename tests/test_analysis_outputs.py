@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from analysis_traces import batch_events, batch_trace, retention_trace, run_info, write_trace
 
+from analysis_traces import batch_events, batch_trace, retention_trace, run_info, write_trace
 from kvprof.analysis import analyze
 from kvprof.analysis.export import TRACKS, perfetto, write_parquet
 from kvprof.cli import main

@@ -9,12 +9,10 @@ import pytest
 from rich.console import Console
 
 import kvprof
-from kvprof import cli
+from kvprof import WorkloadParams, WorkloadSpec, cli, hookimpl
 from kvprof.display import LiveDisplay
-from kvprof import hookimpl
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof import WorkloadParams, WorkloadSpec
 
 
 def test_version(capsys):
@@ -95,8 +93,8 @@ class StatusRecorder:
 
 def tiny_settings(tmp_path, display=None, num_prompts=3) -> TraceSettings:
     params = WorkloadParams(prompt_len=16, output_len=4, batch_size=2, num_prompts=num_prompts)
-    return TraceSettings(strategy="full", model="tiny-llama", weights="random", workload=WorkloadSpec("synthetic", params),
-                         trace_path=tmp_path / "run.arrow", display=display)
+    return TraceSettings(strategy="full", model="tiny-llama", weights="random",
+                         workload=WorkloadSpec("synthetic", params), trace_path=tmp_path / "run.arrow", display=display)
 
 
 def test_status_messages_reach_plugins_before_the_run_starts(tmp_path):
@@ -132,8 +130,7 @@ def test_no_live_display_off_a_terminal_unless_asked():
 
 
 def test_live_display_counts_a_chunked_prefill_once_and_drops_tokens_an_early_stop_never_makes():
-    from kvprof import Event, Kind
-    from kvprof import RunInfo
+    from kvprof import Event, Kind, RunInfo
 
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
     run = RunInfo(strategy="vllm", model={}, options={}, trace_path="t.arrow",

@@ -9,14 +9,14 @@ which emits events by hand through a real Profiler and trace writer) breaks one 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from kvprof import Medium
+from kvprof import Medium, Profiler, RunInfo
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
 from kvprof.testing import checks, conformance
 from kvprof.trace import read_trace
 

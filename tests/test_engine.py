@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvprof import Profiler, RunInfo, UsageError, WorkloadParams, WorkloadSpec
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
-from kvprof import UsageError
-from kvprof import WorkloadParams, WorkloadSpec
 from kvprof_transformers.offload import StaticOffloadPolicy
 from kvprof_transformers.runner import FullCachePolicy, Runner, StaticPolicy
 

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvprof import ModelSpec, Request, UsageError, WorkloadParams, WorkloadSpec
 from kvprof.cli import main
-from kvprof import ModelSpec
 from kvprof.models import resolve_model
-from kvprof import UsageError
 from kvprof.strategy import parse_options
 from kvprof.trace import Trace
-from kvprof import Request, WorkloadParams, WorkloadSpec
 from kvprof_h2o.attention import attend
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
 from kvprof_h2o.plugin import H2OStrategy
@@ -213,7 +211,8 @@ def test_exempt_layers_keep_their_whole_cache(peaky_tiny_llama: ModelSpec, tmp_p
     lengths = (40, 30)
     requests = [Request(f"req-{i}", list(range(300, 300 + n)), max_new_tokens=3, ignore_eos=True)
                 for i, n in enumerate(lengths)]
-    _, trace = run_policy(loaded, h2o_policy(loaded, exempt_layers="0", engine="eager"), requests, tmp_path / "h2o.arrow")
+    policy = h2o_policy(loaded, exempt_layers="0", engine="eager")
+    _, trace = run_policy(loaded, policy, requests, tmp_path / "h2o.arrow")
     assert {r["layer"] for r in trace.of_kind("evict").to_pylist()} == {1}
     config = loaded.config
     head_dim = config.hidden_size // config.num_attention_heads

@@ -104,7 +104,8 @@ def test_errors_imports_nothing() -> None:
 
 @pytest.mark.parametrize("source, cycle", [
     ({"a": "from kvprof import b\n", "b": "import kvprof.a\n"}, ["kvprof.a", "kvprof.b", "kvprof.a"]),
-    ({"a": "from kvprof.b import thing\n", "b": "try:\n    from kvprof.a import other\nexcept ImportError:\n    pass\n"},
+    ({"a": "from kvprof.b import thing\n",
+      "b": "try:\n    from kvprof.a import other\nexcept ImportError:\n    pass\n"},
      ["kvprof.a", "kvprof.b", "kvprof.a"]),
     ({"a": "from kvprof.b import thing\n", "b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
       "    from kvprof.a import other\n"}, None),

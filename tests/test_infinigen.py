@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvprof import UsageError
 from kvprof.cli import main
 from kvprof.models import builtin_aliases, resolve_model
-from kvprof import UsageError
 from kvprof.strategy import parse_options
 from kvprof.testing import conformance
 from kvprof.trace import read_trace
@@ -23,7 +23,6 @@ from kvprof_infinigen.selection import select_tokens, select_within_cap, specula
 from kvprof_infinigen.skewing import skew_from
 from kvprof_transformers.loading import LoadedModel, load_model
 from kvprof_transformers.runner import CachePolicy, FullCachePolicy
-
 from transformers_runs import build_requests, offload_events, run_policy
 
 

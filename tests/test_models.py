@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvprof import ModelSpec
+from kvprof import ModelSpec, UsageError
 from kvprof.models import EMBEDDED, builtin_aliases, embedded_checkpoint, resolve_model
-from kvprof import UsageError
 
 TINY = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,

@@ -15,9 +15,7 @@ from kvprof_transformers.host_store import DeviceRing, HostKVStore
 from kvprof_transformers.loading import LoadedModel, load_model
 from kvprof_transformers.offload import HostOffloadPolicy, StaticOffloadPolicy
 from kvprof_transformers.runner import FullCachePolicy
-
 from transformers_runs import build_requests, offload_events, run_policy
-
 
 # --- the host store ------------------------------------------------------------------------
 

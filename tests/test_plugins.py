@@ -153,7 +153,8 @@ def test_kvprof_plugins_env_restricts_what_loads(installed: Path, monkeypatch: p
 
 def test_a_plugin_name_taken_twice_is_reported(site: Path) -> None:
     install(site, "kvprof-rival", "1.0", {}, {"sinks": "kvprof.sinks"})
-    assert failures(load_plugins())["sinks"] == "another installed plugin is already named 'sinks'; this one is not loaded"
+    assert failures(load_plugins())["sinks"] == \
+        "another installed plugin is already named 'sinks'; this one is not loaded"
 
 
 def test_the_hook_reference_in_contributing_is_current() -> None:
@@ -255,7 +256,8 @@ def test_sys_exit_and_a_taken_strategy_name_are_failures_of_that_plugin(rude: Pa
     assert errors["exits"] == "SystemExit(3) (the plugin called sys.exit)"
     assert errors["exits_registering"] == \
         "kvprof_register_analyses raised SystemExit('no analyses today') (the plugin called sys.exit)"
-    assert errors["second_full"] == "strategy 'full' is already registered by plugin 'transformers'; this plugin is not loaded"
+    assert errors["second_full"] == \
+        "strategy 'full' is already registered by plugin 'transformers'; this plugin is not loaded"
     assert {failure.distribution for failure in plugins.failures} == {"kvprof-rude"}
     # The first owner keeps the name, and nothing of the later plugin is used.
     assert plugins.registry.strategies["full"] is FullStrategy
@@ -292,7 +294,8 @@ def test_plugins_analyze_and_trace_work_beside_rude_plugins(rude: Path, tmp_path
 def test_trace_says_why_the_plugin_asked_for_failed(rude: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                     strategy: str, message: str) -> None:
     trace_path = tmp_path / "run.arrow"
-    status = main(["trace", "--plugin", strategy, "--model", "tiny-llama", "--weights", "random", "-o", str(trace_path)])
+    status = main(["trace", "--plugin", strategy, "--model", "tiny-llama", "--weights", "random",
+                   "-o", str(trace_path)])
     assert status == 2
     assert capsys.readouterr().err.startswith(message)
     assert not trace_path.exists() and not partial_path(trace_path).exists()

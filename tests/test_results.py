@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from kvprof import cli
+from kvprof import UsageError, cli
 from kvprof.analysis.common import distribution, parse_percentiles
 from kvprof.analysis.summary import parse_slo
-from kvprof import UsageError
 
 TINY = ["--plugin", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len", "16", "--output-len", "4"]
 
@@ -85,9 +84,8 @@ def test_csvs_say_which_run_each_row_is_from(three_batches, tmp_path):
 
 
 def test_a_failed_run_gets_a_result_file_that_says_so(tmp_path, monkeypatch, capsys):
-    from tests.test_cli import CrashingPlugin, trace_with_extra_plugin
-
     from kvprof.trace import partial_path
+    from tests.test_cli import CrashingPlugin, trace_with_extra_plugin
 
     trace = tmp_path / "crash.arrow"
     status, _ = trace_with_extra_plugin(monkeypatch, capsys, CrashingPlugin(), "crasher",

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from kvprof import WorkloadParams, WorkloadSpec
 from kvprof.analysis.retention import retention
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
 from kvprof.trace import Trace, read_trace
-from kvprof import WorkloadParams, WorkloadSpec
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from common import run_strategy  # noqa: E402  (one in-process `kvprof trace` on a loaded model)

@@ -2,12 +2,9 @@
 
 import pytest
 
-from kvprof import cli
-from kvprof import hookimpl
-from kvprof import UsageError
+from kvprof import UsageError, WorkloadParams, cli, hookimpl
 from kvprof.sweep import parse_grid, plan
 from kvprof.trace import partial_path, read_trace
-from kvprof import WorkloadParams
 
 
 def test_option_axes_apply_only_to_plugins_that_take_them():

@@ -16,7 +16,7 @@ import pytest
 
 from kvprof import Event, Kind
 from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, partial_path, read_trace
-from kvprof.trace.schema import META_RUN, META_VERSION, arrow_schema, published
+from kvprof.trace.schema import META_RUN, META_VERSION, published
 from kvprof.trace.validate import validate_trace
 
 ROOT = Path(__file__).resolve().parents[1]

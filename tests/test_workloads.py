@@ -1,7 +1,6 @@
 import pytest
 
-from kvprof import UsageError
-from kvprof import WorkloadParams, WorkloadSpec
+from kvprof import UsageError, WorkloadParams, WorkloadSpec
 from kvprof.workloads import FILLER, answer_is_correct, poisson_arrivals
 
 
@@ -25,7 +24,8 @@ def test_passkey_span_holds_the_key_at_the_requested_depth():
     start, end = probe.spans[0]
     assert encode(f"The pass key is {probe.answer}. Remember it.")[0:5] == request.prompt_token_ids[start:start + 5]
     assert len(request.prompt_token_ids) == 400
-    filler_before = start - len(encode("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."))
+    opening = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."
+    filler_before = start - len(encode(opening))
     assert abs(filler_before / (400 - (end - start)) - 0.25) < 0.1
 
 

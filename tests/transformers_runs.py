@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvprof import Profiler, Request, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.plugins import load_plugins
-from kvprof import Profiler, RunInfo
 from kvprof.trace import Trace, read_trace
-from kvprof import Request, WorkloadParams, WorkloadSpec
 from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.runner import CachePolicy, Runner
 

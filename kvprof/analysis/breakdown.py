@@ -32,7 +32,14 @@ import numpy as np
 import pyarrow as pa
 
 from kvprof.analysis.common import (
-    NS_PER_MS, NS_PER_S, Events, floats, ints, require_events, run_bounds, strings,
+    NS_PER_MS,
+    NS_PER_S,
+    Events,
+    floats,
+    ints,
+    require_events,
+    run_bounds,
+    strings,
 )
 from kvprof.events import Phase
 from kvprof.trace import Trace

@@ -7,8 +7,9 @@ an Arrow filter over the columns an analysis asks for (never the whole table).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

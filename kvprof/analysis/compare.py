@@ -12,8 +12,9 @@ row, so a reader (or a plot) does not have to guess.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kvprof.analysis import RunAnalysis
 from kvprof.analysis.breakdown import PHASE_LABELS

@@ -22,8 +22,9 @@ A figure whose data no run has is not drawn. matplotlib is imported only here (e
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -47,7 +47,7 @@ def kv_budget(run: dict[str, Any]) -> float | None:
     prompt_len = ((run.get("workload") or {}).get("params") or {}).get("prompt_len")
     if tokens is not None and not prompt_len:
         return None
-    total = (fraction or 0.0) + (float(tokens) / float(prompt_len) if tokens is not None else 0.0)
+    total = (fraction or 0.0) + (float(tokens) / float(prompt_len) if tokens is not None and prompt_len else 0.0)
     return min(1.0, total) if fraction is not None or tokens is not None else None
 
 

@@ -49,7 +49,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kvprof.analysis.common import (
-    DEFAULT_PERCENTILES, NS_PER_MS, NS_PER_S, Events, distribution, ext_values, floats, ints, maybe, require_events, run_bounds,
+    DEFAULT_PERCENTILES,
+    NS_PER_MS,
+    NS_PER_S,
+    Events,
+    distribution,
+    ext_values,
+    floats,
+    ints,
+    maybe,
+    require_events,
+    run_bounds,
     strings,
 )
 from kvprof.errors import UsageError
@@ -111,7 +121,8 @@ def finished_requests(events: Events) -> Requests:
         "prefill_prompt_tokens": pc.map_lookup(prefills["ext"], "prompt_tokens", "first"),
         "prefill_tokens": prefills["tokens"],
     }).group_by("request_id").aggregate([
-        ("prefill_start_ns", "min"), ("first_token_ns", "max"), ("prefill_prompt_tokens", "max"), ("prefill_tokens", "sum"),
+        ("prefill_start_ns", "min"), ("first_token_ns", "max"), ("prefill_prompt_tokens", "max"),
+        ("prefill_tokens", "sum"),
     ])
     finished = pa.table({
         "request_id": ends["request_id"], "arrival_ns": ends["start_ns"], "end_ns": ends["end_ns"],
@@ -244,15 +255,15 @@ def unfinished_first_tokens(events: Events, finished: Requests) -> np.ndarray:
     or killed), where its prefill says how long it queued; NaN where it does not."""
     prefills = events.of_kind("prefill", ["request_id", "start_ns", "end_ns", "ext"])
     recompute = pc.fill_null(pc.map_lookup(prefills["ext"], "recompute", "first"), 0.0)
-    prefills = prefills.filter(pc.and_(pc.not_equal(recompute, 1.0),
-                                       pc.invert(pc.is_in(prefills["request_id"], pa.array(finished.ids, pa.string())))))
+    unfinished = pc.invert(pc.is_in(prefills["request_id"], pa.array(finished.ids, pa.string())))
+    prefills = prefills.filter(pc.and_(pc.not_equal(recompute, 1.0), unfinished))
     if prefills.num_rows == 0:
         return np.array([], dtype=np.float64)
     arrival = pc.subtract(pc.cast(prefills["start_ns"], pa.float64()),
                           pc.map_lookup(prefills["ext"], "queued_ns", "first"))
     per_request = pa.table({"request_id": prefills["request_id"], "arrival_ns": arrival,
-                            "first_token_ns": pc.cast(prefills["end_ns"], pa.float64())}).group_by("request_id").aggregate(
-        [("arrival_ns", "min"), ("first_token_ns", "max")])
+                            "first_token_ns": pc.cast(prefills["end_ns"], pa.float64())})
+    per_request = per_request.group_by("request_id").aggregate([("arrival_ns", "min"), ("first_token_ns", "max")])
     return floats(per_request, "first_token_ns_max") - floats(per_request, "arrival_ns_min")
 
 

@@ -30,8 +30,10 @@ The rules, beyond the schema (`kvprof validate`):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from functools import partial
+from typing import Any
 
 from kvprof.events import Kind, Medium
 from kvprof.trace import Trace
@@ -431,7 +433,7 @@ def check_positions(trace: Trace) -> list[Problem]:
         request = e["request_id"]
         if e["kind"] == Kind.PREFILL.value:
             steps_since[request] = 0
-            _forget(gone, lambda key: key[0] == request)  # prefilled anew (recompute): all back
+            _forget(gone, partial(_of_request, request))  # prefilled anew (recompute): all back
         elif e["kind"] == Kind.DECODE_STEP.value:
             for known in steps_since:
                 steps_since[known] += 1
@@ -474,6 +476,10 @@ def _all_heads(entry: tuple) -> tuple:
     """The same entry, named by an event whose one position list stands for all heads."""
     request, layer, _, tier, position = entry
     return (request, layer, None, tier, position)
+
+
+def _of_request(request: str, key: tuple) -> bool:
+    return bool(key[0] == request)
 
 
 def _forget(entries: dict[tuple, Any], which: Callable[[tuple], bool]) -> None:

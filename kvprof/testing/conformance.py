@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvprof.errors import UsageError
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
-from kvprof.errors import UsageError
 from kvprof.strategy import Strategy
 from kvprof.testing.checks import Problem, run_checks
 from kvprof.trace import Trace, partial_path, read_trace

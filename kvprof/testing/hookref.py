@@ -13,7 +13,9 @@ import argparse
 import inspect
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kvprof import hookspecs
 
@@ -46,7 +48,7 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _signature(function: object) -> str:
+def _signature(function: Callable[..., Any]) -> str:
     signature = inspect.signature(function)
     params = ", ".join(f"{p.name}: {p.annotation}" for p in signature.parameters.values())
     return f"({params}) -> {signature.return_annotation}"

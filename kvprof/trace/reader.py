@@ -22,8 +22,16 @@ import pyarrow.compute as pc
 
 from kvprof.errors import TraceError
 from kvprof.trace.schema import (
-    COLUMNS, DICTIONARY_COLUMNS, META_BATCH_CRC, META_CRC, META_RUN, META_VERSION, SCHEMA_VERSION,
-    batch_checksum, schema_checksum, stored_type,
+    COLUMNS,
+    DICTIONARY_COLUMNS,
+    META_BATCH_CRC,
+    META_CRC,
+    META_RUN,
+    META_VERSION,
+    SCHEMA_VERSION,
+    batch_checksum,
+    schema_checksum,
+    stored_type,
 )
 
 ARROW_MAGIC = b"ARROW1"

@@ -115,8 +115,8 @@ def published() -> dict:
                   "killed before it finished leaves the file without its footer, readable as a stream from byte 8",
         "metadata": {
             META_VERSION.decode(): "schema version, MAJOR.MINOR",
-            META_RUN.decode(): "JSON: the run (command, strategy, plugin_version, model, workload, options, device, versions, seed; "
-                               "earlier traces name the strategy `plugin`)",
+            META_RUN.decode(): "JSON: the run (command, strategy, plugin_version, model, workload, options, device, "
+                               "versions, seed; earlier traces name the strategy `plugin`)",
             META_CRC.decode(): "8 hex digits: CRC32 of the JSON list of [column name, unit], then of the run JSON",
         },
         "record_batch_metadata": {

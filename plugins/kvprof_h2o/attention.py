@@ -90,7 +90,8 @@ def h2o_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
                                       dropout=dropout, **kwargs)
     for unsupported in ("s_aux", "sinks", "position_bias"):
         if kwargs.get(unsupported) is not None:
-            raise UsageError(f"h2o: this model's attention uses {unsupported!r}, which the h2o plugin does not implement")
+            raise UsageError(f"h2o: this model's attention uses {unsupported!r}, "
+                             "which the h2o plugin does not implement")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return policy.attend(module.layer_idx, query, key, value, scaling,

@@ -34,20 +34,19 @@ from typing import Any
 
 import torch
 
-from kvprof import Medium, Phase
-from kvprof import UsageError
-from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
-from kvprof_transformers.static_cache import decode_attention, prefill_attention
-
+from kvprof import Medium, Phase, UsageError
 from kvprof_h2o import attention
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
 from kvprof_h2o.mass_kernel import triton_mass
+from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
+from kvprof_transformers.static_cache import prefill_attention
 
 _TRITON_MASS = {"usable": True}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
-def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float) -> torch.Tensor:
+def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                 scaling: float) -> torch.Tensor:
     """Attention each key of a prompt receives, summed over the real queries and the query heads
     of its KV head: (B, Hkv, L) float32. On CUDA the two Triton kernels of `mass_kernel`; else
     (or if they cannot be built) `torch_prefill_mass`.
@@ -109,7 +108,6 @@ class FastH2OPolicy(StaticPolicy):
         budgets = [sum(self.budget.for_request(len(r.prompt_token_ids), r.max_new_tokens))
                    for r in self.runner.requests]
         self.width = max(budgets) + 1  # slots per (row, KV head) in a budgeted layer
-        shape = (batch_size, self.kv_heads, self.head_dim)
         if self.books is not None and self.kv.batch == batch_size and self.kv.slots == slots:
             return
         scored = [layer for layer in range(self.num_layers) if layer not in self.exempt]

@@ -8,15 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from kvprof import hookimpl
-from kvprof import UsageError
-from kvprof import Option, in_range, non_negative
+from kvprof import Option, UsageError, hookimpl, in_range, non_negative
 from kvprof_transformers.plugin import TransformersStrategy
 
 if TYPE_CHECKING:  # torch: imported when the strategy runs, not when kvprof loads its plugins
-    from kvprof_transformers.loading import LoadedModel
-
     from kvprof_h2o.policy import H2OPolicy
+    from kvprof_transformers.loading import LoadedModel
 
 
 def _layer_list(value: str) -> str | None:
@@ -67,7 +64,8 @@ class H2OStrategy(TransformersStrategy):
         num_layers = loaded.config.get_text_config().num_hidden_layers
         exempt = parse_layers(options["exempt_layers"])
         if any(layer >= num_layers for layer in exempt):
-            raise UsageError(f"h2o: exempt_layers={options['exempt_layers']!r}: the model has layers 0..{num_layers - 1}")
+            raise UsageError(f"h2o: exempt_layers={options['exempt_layers']!r}: "
+                             f"the model has layers 0..{num_layers - 1}")
         self.options_used = options
         if options.get("engine", "static") == "static":
             from kvprof_h2o.fast import FastH2OPolicy, check_supported

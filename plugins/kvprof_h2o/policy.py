@@ -15,7 +15,8 @@ runner's 2-D slot mask is not used (`attention_mask` returns None).
 Events, after each forward: an EVICTION phase per layer (the score update and the eviction; at
 detail "step" one per step carrying their summed duration), and an evict event per layer and
 request with the evicted positions per KV head (detail "head": one per KV head; "step": one per
-request and forward, with num_layers x kv_heads position lists, layer-major). `step` is None for the eviction at the end of prefill.
+request and forward, with num_layers x kv_heads position lists, layer-major). `step` is None for
+the eviction at the end of prefill.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from typing import Any
 
 import torch
 
-from kvprof import Medium, Phase
-from kvprof import UsageError
-from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner
-
+from kvprof import Medium, Phase, UsageError
 from kvprof_h2o import attention
 from kvprof_h2o.heavy_hitters import dropped_positions, gather_slots, select_slots
+from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ speculative query would have to repeat). Anything else is a UsageError naming th
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from kvprof import UsageError
-
 from kvprof_transformers.offload import decoder_layers
 
 

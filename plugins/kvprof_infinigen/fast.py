@@ -34,21 +34,26 @@ from typing import Any
 
 import torch
 
-from kvprof import Phase
-from kvprof import UsageError
-
+from kvprof import Phase, UsageError
 from kvprof_infinigen.attention import AttentionAccess
 from kvprof_infinigen.policy import (
-    FULL_LAYERS, InfiniGenSettings, calibration_partial_skew, prefill_partial_skew, require_room,
+    FULL_LAYERS,
+    InfiniGenSettings,
+    calibration_partial_skew,
+    prefill_partial_skew,
+    require_room,
 )
 from kvprof_infinigen.selection import (
-    fused_selection_available, select_fused, select_within_cap, speculative_scores,
+    fused_selection_available,
+    select_fused,
+    select_within_cap,
+    speculative_scores,
 )
 from kvprof_infinigen.skewing import Skew
 from kvprof_transformers.host_store import _on, _record, gather_rows
 from kvprof_transformers.offload import StaticOffloadPolicy
 from kvprof_transformers.runner import Batch, KVBytes, Runner, free_memory_bytes
-from kvprof_transformers.static_cache import PassThroughCache, decode_attention, prefill_attention
+from kvprof_transformers.static_cache import PassThroughCache, decode_attention
 
 SPEC_START, SPEC_END, COUNT = 3, 4, 5  # step-log columns of a speculated layer (see StaticOffloadPolicy)
 
@@ -230,7 +235,8 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         partial_query = torch.einsum("bkgd,kdc->bkgc", grouped, self.partial_skew[target]).contiguous()
         try:
             select_fused(partial_query, self.partial_keys[target], self.access.scaling(target), self.settings.alpha,
-                         self.cap, self.slot, self.scratch, self.row_counts, self.positions[parity], self.counts[parity])
+                         self.cap, self.slot, self.scratch, self.row_counts, self.positions[parity],
+                         self.counts[parity])
         except Exception:  # noqa: BLE001
             if torch.cuda.is_current_stream_capturing():
                 raise

@@ -3,11 +3,10 @@ imports the policy and its parts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from kvprof import hookimpl
-from kvprof import Option, in_range, non_negative, positive
-
+from kvprof import Option, hookimpl, in_range, non_negative, positive
 from kvprof_transformers.plugin import TransformersStrategy
 
 if TYPE_CHECKING:

@@ -33,9 +33,7 @@ from typing import Any
 
 import torch
 
-from kvprof import Phase
-from kvprof import UsageError
-
+from kvprof import Phase, UsageError
 from kvprof_infinigen.attention import AttentionAccess
 from kvprof_infinigen.selection import select_tokens, speculative_scores
 from kvprof_infinigen.skewing import Skew
@@ -123,7 +121,8 @@ class InfiniGenPolicy(HostOffloadPolicy):
             return
         element = torch.empty((), dtype=self.runner.loaded.dtype).element_size()
         token_bytes = 2 * batch_size * self.kv_heads * self.head_dim * element
-        partial_keys = (self.num_layers - FULL_LAYERS) * batch_size * self.kv_heads * capacity * self.partial_width * element
+        partial_keys = ((self.num_layers - FULL_LAYERS) * batch_size * self.kv_heads * capacity
+                        * self.partial_width * element)
         rings = DeviceRing.SLOTS * (capacity + self.max_num_kv) * token_bytes
         free, _ = torch.cuda.mem_get_info(self.runner.device)
         free += torch.cuda.memory_reserved(self.runner.device) - torch.cuda.memory_allocated(self.runner.device)

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from kvprof.models import cache_dir
 from kvprof import UsageError
-
+from kvprof.models import cache_dir
 from kvprof_infinigen.attention import AttentionAccess
 from kvprof_transformers.loading import LoadedModel
 

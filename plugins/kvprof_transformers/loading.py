@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from kvprof import ModelSpec
-from kvprof import UsageError
+from kvprof import ModelSpec, UsageError
 from kvprof.workloads import chat_wrapping
 
 

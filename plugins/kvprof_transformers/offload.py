@@ -30,11 +30,16 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kvprof import Medium, Phase
-from kvprof import UsageError
-
+from kvprof import Medium, Phase, UsageError
 from kvprof_transformers.host_store import (
-    Copy, DeviceRing, HostKVStore, PinnedLayers, StepLog, _on, _record, side_streams,
+    Copy,
+    DeviceRing,
+    HostKVStore,
+    PinnedLayers,
+    StepLog,
+    _on,
+    _record,
+    side_streams,
 )
 from kvprof_transformers.runner import Batch, CachePolicy, KVBytes, Runner, StaticPolicy, free_memory_bytes
 from kvprof_transformers.static_cache import PassThroughCache, decode_attention, prefill_attention, uninstall
@@ -368,7 +373,8 @@ class StaticOffloadPolicy(StaticPolicy):
         if needed > available:
             raise UsageError(f"{self.name}: its device buffers need {needed / 2**30:.2f} GiB ({batch_size} rows x "
                              f"{slots} slots) but the {device.type} has {available / 2**30:.2f} GiB free")
-        host = 2 * self.num_layers * batch_size * self.kv_heads * slots * self.head_dim * self.runner.loaded.dtype.itemsize
+        host = (2 * self.num_layers * batch_size * self.kv_heads * slots * self.head_dim
+                * self.runner.loaded.dtype.itemsize)
         host_free = free_memory_bytes(torch.device("cpu")) + self._pooled_host_bytes()
         if device.type == "cuda" and host > host_free:
             raise UsageError(f"{self.name}: the host KV store needs {host / 2**30:.2f} GiB of pinned memory but "
@@ -628,7 +634,8 @@ class StaticOffloadPolicy(StaticPolicy):
                 fields = {k: v for k, v in common.items() if k not in ("step", "batch_size")}
                 self._emit_store_per_request(layer, start_ns, end_ns, step, [slot], batch, {**fields, **to_host})
         else:
-            profiler.emit_offload(start_ns, end_ns, tokens=self.num_layers, bytes=self.num_layers * self.host.token_bytes,
+            profiler.emit_offload(start_ns, end_ns, tokens=self.num_layers,
+                                  bytes=self.num_layers * self.host.token_bytes,
                                   ext={"layers": float(self.num_layers)}, **to_host, **common)
         if detail == "step":
             if stalls:

@@ -7,11 +7,10 @@ the methods that use them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from kvprof import hookimpl
-from kvprof import Profiler
-from kvprof import Option, RunContext, Strategy
+from kvprof import Option, Profiler, RunContext, Strategy, hookimpl
 
 if TYPE_CHECKING:  # the modules below import torch: `kvprof plugins` must not pay for it
     from kvprof_transformers.loading import LoadedModel

@@ -22,19 +22,21 @@ chunk through the same cache after `after_prefill`, as a chat's next turn would 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kvprof import Clock
-from kvprof import Profiler
-from kvprof import UsageError
-from kvprof import Request
-
+from kvprof import Clock, Profiler, Request, UsageError
 from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.static_cache import (
-    PassThroughCache, StaticKV, decode_attention, install, prefill_attention, uninstall,
+    PassThroughCache,
+    StaticKV,
+    decode_attention,
+    install,
+    prefill_attention,
+    uninstall,
 )
 
 

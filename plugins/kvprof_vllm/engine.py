@@ -10,11 +10,11 @@ import os
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from kvprof import UsageError
-from kvprof import Request
+from kvprof import Request, UsageError
 from kvprof_vllm.plugin import VLLM_OPTIONS
 
 if TYPE_CHECKING:

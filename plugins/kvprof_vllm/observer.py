@@ -43,8 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvprof import Event, Kind, Medium
-from kvprof import Profiler
+from kvprof import Event, Kind, Medium, Profiler
 
 # vLLM's KV-event `medium` values and kvprof's tiers.
 MEDIUMS = {"GPU": Medium.DEVICE.value, "CPU": Medium.HOST.value}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from kvprof import hookimpl
-from kvprof import Option, RunContext, Strategy, in_range, positive
+from kvprof import Option, RunContext, Strategy, hookimpl, in_range, positive
 
 VLLM_OPTIONS = (
     Option("gpu_memory_utilization", None, "fraction of GPU memory vLLM may use (CPU build: of host memory)",

@@ -7,15 +7,12 @@ the observed scheduler, KV-cache events with the null publisher, and the stat lo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from kvprof import ModelSpec
-from kvprof import Profiler
-from kvprof import UsageError
-from kvprof import RunContext
-from kvprof import Request, WorkloadSpec
+from kvprof import ModelSpec, Profiler, Request, RunContext, UsageError, WorkloadSpec
 from kvprof.workloads import Workload
 from kvprof_vllm import engine as vllm_engine
 from kvprof_vllm.observer import StepObserver

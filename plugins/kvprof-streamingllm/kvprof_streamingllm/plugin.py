@@ -11,11 +11,11 @@ every plugin for `kvprof plugins` and `kvprof analyze`, so the policy is importe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
-
-from kvprof_transformers.plugin import TransformersStrategy
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvprof import Option, hookimpl, non_negative, positive
+from kvprof_transformers.plugin import TransformersStrategy
 
 if TYPE_CHECKING:
     from kvprof_streamingllm.policy import StreamingLLMPolicy

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from kvprof_transformers.runner import Batch, CachePolicy
 
 from kvprof import Medium, Phase
+from kvprof_transformers.runner import Batch, CachePolicy
 
 PADDING = -1  # the position of a left-padding slot
 

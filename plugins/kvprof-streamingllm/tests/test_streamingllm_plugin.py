@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kvprof import WorkloadParams
 from kvprof.cli import main
 from kvprof.trace import read_trace
-from kvprof import WorkloadParams
 
 SINKS, RECENT = 4, 32
 OPTIONS = {"sink_tokens": SINKS, "recent_tokens": RECENT}
@@ -45,14 +45,12 @@ def test_keeps_the_sinks_and_the_recent_window(kvprof_conformance) -> None:
 
 def test_rows_of_different_lengths_lose_their_padding_too(tmp_path: Path, kvprof_conformance) -> None:
     # The built-in workloads give every request the same length; drive the runner directly.
+    from kvprof import Profiler, Request, RunInfo
     from kvprof.models import resolve_model
     from kvprof.plugins import load_plugins
-    from kvprof import Profiler, RunInfo
-    from kvprof import Request
+    from kvprof_streamingllm.policy import StreamingLLMPolicy
     from kvprof_transformers.loading import load_model
     from kvprof_transformers.runner import Runner
-
-    from kvprof_streamingllm.policy import StreamingLLMPolicy
 
     model = resolve_model("tiny-llama", "random")
     path = tmp_path / "padded.arrow"
