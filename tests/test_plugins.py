@@ -19,7 +19,9 @@ from kvprof.plugins import LoadedPlugins, load_plugins
 from kvprof.testing import conformance, hookref
 from kvprof.trace import partial_path, read_trace
 
-CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
+DOCS = Path(__file__).parents[1] / "docs"
+HOOK_REFERENCE = DOCS / "hooks.md"
+PLUGIN_GUIDE = DOCS / "plugin-guide.md"
 
 GOOD = '''
 from kvprof import hookimpl
@@ -157,10 +159,10 @@ def test_a_plugin_name_taken_twice_is_reported(site: Path) -> None:
         "another installed plugin is already named 'sinks'; this one is not loaded"
 
 
-def test_the_hook_reference_in_contributing_is_current() -> None:
-    text = CONTRIBUTING.read_text()
+def test_the_hook_reference_page_is_current() -> None:
+    text = HOOK_REFERENCE.read_text()
     assert hookref.replace_section(text, hookref.render()) == text, (
-        "CONTRIBUTING.md's hook reference is stale: run `python -m kvprof.testing.hookref --write CONTRIBUTING.md`")
+        "docs/hooks.md is stale: run `python -m kvprof.testing.hookref --write docs/hooks.md`")
 
 
 def test_the_hook_reference_covers_every_hook() -> None:
@@ -168,12 +170,12 @@ def test_the_hook_reference_covers_every_hook() -> None:
 
     reference = hookref.render()
     hooks = [name for name in vars(hookspecs) if name.startswith("kvprof_")]
-    assert hooks and all(f"#### `{name}(" in reference for name in hooks)
-    assert reference.index("### Registration hooks") < reference.index("### Event hooks")
+    assert hooks and all(f"### `{name}(" in reference for name in hooks)
+    assert reference.index("## Registration hooks") < reference.index("## Event hooks")
 
 
-def test_the_sink_and_analysis_examples_of_contributing_work(site: Path, tmp_path: Path) -> None:
-    text = CONTRIBUTING.read_text()
+def test_the_sink_and_analysis_examples_of_the_plugin_guide_work(site: Path, tmp_path: Path) -> None:
+    text = PLUGIN_GUIDE.read_text()
     examples = dict(re.findall(r"```python\n# file: (\w+)\.py\n(.*?)```", text, re.S))
     assert set(examples) == {"kvprof_evictionlog", "kvprof_overbudget"}
     install(site, "kvprof-examples", "1.0", examples,

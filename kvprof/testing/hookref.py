@@ -1,7 +1,7 @@
 """The hook reference, rendered as Markdown from the docstrings in `kvprof.hookspecs`.
 
     python -m kvprof.testing.hookref                          # print it
-    python -m kvprof.testing.hookref --write CONTRIBUTING.md  # replace the section between the markers
+    python -m kvprof.testing.hookref --write docs/hooks.md  # replace the section between the markers
 
 The docstrings are the single source: edit them, then re-run `--write`; a test fails while the
 committed section differs from what this renders.
@@ -20,7 +20,7 @@ from typing import Any
 from kvprof import hookspecs
 
 START = ("<!-- hookref:start: generated from kvprof/hookspecs.py by "
-         "`python -m kvprof.testing.hookref --write CONTRIBUTING.md` -->")
+         "`python -m kvprof.testing.hookref --write docs/hooks.md` -->")
 END = "<!-- hookref:end -->"
 _BANNER = re.compile(r"^# --- (\w[\w ]*?) -+$")
 
@@ -41,10 +41,10 @@ def render() -> str:
         current = banners[max(n for n in banners if n < line_number)]
         if current != section:
             section = current
-            lines += [f"### {section.capitalize().removesuffix('s')} hooks", ""]
+            lines += [f"## {section.capitalize().removesuffix('s')} hooks", ""]
         options = [key for key, value in function.kvprof_spec.items() if value is True]
         suffix = f"  *({', '.join(options)})*" if options else ""
-        lines += [f"#### `{name}{_signature(function)}`{suffix}", "", inspect.getdoc(function) or "", ""]
+        lines += [f"### `{name}{_signature(function)}`{suffix}", "", inspect.getdoc(function) or "", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
