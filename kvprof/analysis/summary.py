@@ -407,14 +407,24 @@ def _memory_peaks(events: Events) -> dict[str, float | None]:
     }
 
 
+# A prefill event's ext: device KV when the prompt's forward ended, before the strategy's
+# post-prefill work (a compressor's cut) shrank it. It is the prefill's peak.
+FORWARD_KV_DEVICE_BYTES = "forward_kv_device_bytes"
+
+
 def _kv_tiers(events: Events) -> dict[str, dict[str, float | None]]:
     """Peak and last reported KV bytes per tier (and strategy structures on the device), over
-    every event that reports them."""
+    every event that reports them; the device peak includes each prompt's KV before the
+    strategy's post-prefill work (`ext["forward_kv_device_bytes"]` of prefill events)."""
     tiers = {}
     for tier, values in events.kv.values.items():
         values = values[~np.isnan(values)]
         tiers[tier] = {"peak": float(values.max()) if values.size else None,
                        "final": float(values[-1]) if values.size else None}
+    forward = ext_values(events.of_kind("prefill", ["ext"]), FORWARD_KV_DEVICE_BYTES)
+    forward = forward[~np.isnan(forward)]
+    if forward.size and "device" in tiers:
+        tiers["device"]["peak"] = max(tiers["device"]["peak"] or 0.0, float(forward.max()))
     return tiers
 
 

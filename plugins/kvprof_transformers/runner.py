@@ -39,6 +39,12 @@ from kvprof_transformers.static_cache import (
     uninstall,
 )
 
+# Prefill ext keys (prompt chunk): device KV when the prompt's forward (and `after_chunk`) ended,
+# before the policy's `after_prefill` ran, and that call's duration: the policy's work lies in
+# [end_ns - policy_ns, end_ns]. Peak device KV and the conformance kit read them.
+FORWARD_KV_DEVICE_BYTES = "forward_kv_device_bytes"
+POLICY_NS = "policy_ns"
+
 
 @dataclass
 class KVBytes:
@@ -392,8 +398,14 @@ class Runner:
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
         next_ids = self._forward(batch, cache, batch.input_ids, position_ids)
         self.policy.after_chunk(batch, cache, batch.input_ids.shape[1])
+        self.filled_slots = batch.slots
+        # The prompt's KV before the policy's post-prefill work (a compressor's cut): the peak.
+        measuring = self.profiler.enabled
+        forward_kv = self.policy.kv_bytes(cache) if measuring else None
+        policy_start = self.clock.now_synced() if measuring else 0
         self.policy.after_prefill(batch, cache)
         chunks = [(start, self.clock.now_synced(), batch.prompt_lens)]
+        prompt_kv = self.policy.kv_bytes(cache) if measuring else None
         followups = [r.followup_token_ids for r in batch.requests]
         if any(followups):
             if not self.policy.supports_followup:
@@ -405,8 +417,9 @@ class Runner:
         self._record_tokens(batch, next_ids, end)
         if not self.profiler.enabled:  # overhead baseline: no measuring work at all
             return next_ids
-        kv = self.policy.kv_bytes(cache)
+        final_kv = self.policy.kv_bytes(cache) if len(chunks) > 1 else prompt_kv
         for chunk, (chunk_start, chunk_end, lens) in enumerate(chunks):
+            kv = final_kv if chunk else prompt_kv
             for row, request in enumerate(batch.requests):
                 # A follow-up chunk says so; its prompt_tokens count the prompt and the follow-up.
                 ext = {"prompt_tokens": float(batch.prompt_lens[row] + (lens[row] if chunk else 0)),
@@ -415,6 +428,9 @@ class Runner:
                        "queued_ns": float(chunk_start - batch.arrival_ns[row])}
                 if chunk:
                     ext["followup"] = 1.0
+                else:  # the prompt's own KV, and how long the policy's after_prefill took
+                    ext[FORWARD_KV_DEVICE_BYTES] = float(forward_kv.device)
+                    ext[POLICY_NS] = float(chunk_end - policy_start)
                 self.profiler.emit_prefill(
                     chunk_start, chunk_end, request_id=request.request_id, tokens=lens[row],
                     batch_size=batch.size, kv_device_bytes=kv.device, kv_host_bytes=kv.host,
