@@ -38,28 +38,37 @@ class OneShotCompressor(CachePolicy):
         start = self.runner.clock.now_synced()
         real = batch.attention_mask.bool()
         positions = torch.where(real, real.long().cumsum(-1) - 1, -1)  # (B, S); -1: padding
-        dropped_per_layer, keep = [], None
-        for layer, scores in zip(cache.layers, self.scores(batch, cache)):
+        dropped_per_layer, keeps = [], []
+        for scores in self.scores(batch, cache):
             ranked = scores.float().masked_fill(~real[:, None, :], float("-inf"))
             keep = ranked.topk(self.budget, dim=-1).indices.sort(dim=-1).values      # (B, H, budget)
-            dropped = torch.ones_like(ranked, dtype=torch.bool).scatter_(-1, keep, False)
-            dropped_per_layer.append(dropped)
-            layer.keys, layer.values = _gather(layer.keys, keep), _gather(layer.values, keep)
-        # Every head keeps all real slots it ranks first and the same number of padding slots,
-        # which sort first: one mask row fits every layer and head.
-        batch.attention_mask = batch.attention_mask.gather(1, keep[:, 0])
+            keeps.append(keep)
+            dropped_per_layer.append(torch.ones_like(ranked, dtype=torch.bool).scatter_(-1, keep, False))
+        entry_bytes = [self.entry_bytes(layer) for layer in cache.layers]
+        self.shrink(batch, cache, keeps)
         end = self.runner.clock.now_synced()
-        self._report(batch, cache, positions, dropped_per_layer, start, end)
+        self._report(batch, positions, dropped_per_layer, entry_bytes, start, end)
+
+    def shrink(self, batch: Batch, cache: Any, keeps: list[torch.Tensor]) -> None:
+        """Gather each layer's kept slots (`keeps`: per layer, (B, H, budget) slot indices) into
+        new tensors. Every head keeps all real slots it ranks first and the same number of padding
+        slots, which sort first: one mask row fits every layer and head."""
+        for layer, keep in zip(cache.layers, keeps):
+            layer.keys, layer.values = _gather(layer.keys, keep), _gather(layer.values, keep)
+        batch.attention_mask = batch.attention_mask.gather(1, keeps[-1][:, 0])
+
+    def entry_bytes(self, layer: Any) -> int:
+        """Bytes of one token's key and value in one KV head of `layer`, from its tensors."""
+        return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
 
     # --- events -------------------------------------------------------------------------------
 
-    def _report(self, batch: Batch, cache: Any, positions: torch.Tensor, dropped: list[torch.Tensor],
+    def _report(self, batch: Batch, positions: torch.Tensor, dropped: list[torch.Tensor], entry_bytes: list[int],
                 start: int, end: int) -> None:
         profiler = self.runner.profiler
         if not profiler.enabled:
             return
         profiler.emit_phase(Phase.EVICTION.value, start, end)
-        entry_bytes = [_entry_bytes(layer) for layer in cache.layers]
         kv_heads = dropped[0].shape[1]
         for row, request in enumerate(batch.requests):
             where = {"request_id": request.request_id, "step": None, "src_medium": Medium.DEVICE.value}
@@ -101,9 +110,24 @@ def _gather(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, keep[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
-def _entry_bytes(layer: Any) -> int:
-    """Bytes of one token's key and value in one KV head of `layer`."""
-    return layer.keys.shape[-1] * layer.keys.element_size() + layer.values.shape[-1] * layer.values.element_size()
+class MaskOnlyCompressor(OneShotCompressor):
+    """Cheats: keeps every tensor whole and only masks the slots it reports as freed. (Recency
+    drops the same slots in every head, so masking the runner's slot mask hides them.)"""
+
+    name = "mask-only"
+
+    def shrink(self, batch: Batch, cache: Any, keeps: list[torch.Tensor]) -> None:
+        kept = torch.zeros_like(batch.attention_mask).scatter_(1, keeps[-1][:, 0], 1)
+        batch.attention_mask = batch.attention_mask * kept
+
+
+class KeysOnlyBytes(OneShotCompressor):
+    """Frees for real but under-reports: counts only the keys' bytes of each entry."""
+
+    name = "keys-only-bytes"
+
+    def entry_bytes(self, layer: Any) -> int:
+        return layer.keys.shape[-1] * layer.keys.element_size()
 
 
 def full_prompt_kv_bytes(config: Any, rows: int, slots: int, dtype: torch.dtype) -> int:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from compressors import OneShotCompressor, full_prompt_kv_bytes
+from compressors import KeysOnlyBytes, MaskOnlyCompressor, OneShotCompressor, full_prompt_kv_bytes
 from kvprof import Request
 from kvprof.analysis.summary import summary
 from kvprof.models import resolve_model
+from kvprof.testing import conformance
 from kvprof_transformers.loading import LoadedModel, load_model
 from transformers_runs import run_policy
 
@@ -53,3 +54,51 @@ def test_policy_ns_spans_the_policys_after_prefill_work(tiny: LoadedModel, tmp_p
     cut = [e for e in trace.of_kind("evict").to_pylist() if e["step"] is None]
     policy_start = prefill["end_ns"] - dict(prefill["ext"])["policy_ns"]
     assert cut and all(policy_start <= e["start_ns"] <= e["end_ns"] <= prefill["end_ns"] for e in cut)
+
+
+# --- the conformance kit checks the cut byte for byte ------------------------------------------
+
+
+def test_an_honest_compressor_conforms_at_every_detail(tiny: LoadedModel, tmp_path: Path) -> None:
+    for detail in ("step", "layer", "head"):
+        _, trace = run_policy(tiny, OneShotCompressor(BUDGET), padded_requests(), tmp_path / f"{detail}.arrow",
+                              detail=detail)
+        report = conformance.check_trace(trace)
+        assert report.ok, report.format()
+        assert {e["reason"] for e in trace.of_kind("evict").to_pylist()} == {"oneshot", "padding"}
+
+
+def test_masking_after_prefill_while_reporting_bytes_freed_fails(tiny: LoadedModel, tmp_path: Path) -> None:
+    _, trace = run_policy(tiny, MaskOnlyCompressor(BUDGET), padded_requests(), tmp_path / "mask.arrow")
+    report = conformance.check_trace(trace)
+    first = report.problems[0]
+    evicts = trace.of_kind("evict").to_pylist()
+    prefill = trace.of_kind("prefill").to_pylist()[0]
+    reported = sum(e["bytes"] for e in evicts)
+    resident = int(dict(prefill["ext"])["forward_kv_device_bytes"])
+    assert resident == prefill["kv_device_bytes"]  # nothing left the device
+    assert (first.check, first.seq) == ("accounting", evicts[0]["seq"])
+    assert (f"the evict events at seq {evicts[0]['seq']}..{evicts[-1]['seq']} report {reported} bytes freed from "
+            f"the device after prefill, but device KV was {resident} bytes when the prompt's forward ended and "
+            f"{resident} bytes after the policy's post-prefill work") in first.message
+    assert f"{resident} - {resident} = 0 bytes left the device: {reported} bytes reported as freed are still " \
+           "resident" in first.message
+    assert "Either the strategy only masks those entries" in first.message
+    assert "or its evict events over-count bytes" in first.message
+    assert str(first).startswith(f"[accounting] seq {evicts[0]['seq']}: ")
+
+
+def test_under_reported_frees_after_prefill_fail_naming_both_causes(tiny: LoadedModel, tmp_path: Path) -> None:
+    _, trace = run_policy(tiny, KeysOnlyBytes(BUDGET), padded_requests(), tmp_path / "keys.arrow")
+    report = conformance.check_trace(trace)
+    first = report.problems[0]
+    prefill = trace.of_kind("prefill").to_pylist()[0]
+    before, after = int(dict(prefill["ext"])["forward_kv_device_bytes"]), prefill["kv_device_bytes"]
+    reported = sum(e["bytes"] for e in trace.of_kind("evict").to_pylist())
+    assert reported * 2 == before - after  # keys only: half of what left
+    assert (first.check, first.seq) == ("accounting", prefill["seq"])
+    assert f"{before} - {after} = {before - after} bytes left the device" in first.message
+    assert f"account for {reported}: {before - after - reported} bytes left the device unreported" in first.message
+    assert "Either the strategy dropped entries without an evict event" in first.message
+    assert "or its evict events under-count bytes" in first.message
+    assert "still resident" not in report.format()  # it points the right way, and only that way

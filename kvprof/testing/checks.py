@@ -50,6 +50,12 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     Kind.RUN_END.value: ("ext",),
 }
 
+# Prefill ext keys of engines that measure device KV before and after the policy's post-prefill
+# work (the transformers runner does): KV when the prompt's forward ended, and the work's duration,
+# which ends at the prefill event's end_ns. `check_accounting` balances that work exactly.
+FORWARD_KV_DEVICE_BYTES = "forward_kv_device_bytes"
+POLICY_NS = "policy_ns"
+
 # Kinds whose times are not the moment of emission (see the module docstring, "timestamps").
 NOT_EMITTED_AT_END = {Kind.REQUEST_END.value, Kind.SAMPLE.value}
 STEP_REPORTS = {Kind.PREFILL.value, Kind.DECODE_STEP.value}
@@ -285,7 +291,8 @@ def check_accounting(trace: Trace) -> list[Problem]:
     found = _Problems("accounting")
     rows = events(trace)
     _check_entry_sizes(rows, found)
-    _check_device_balance(rows, found, _block_bytes(trace))
+    unreported = _check_post_prefill_frees(rows, found)
+    _check_device_balance(rows, found, _block_bytes(trace), unreported)
     return found.result()
 
 
@@ -321,7 +328,74 @@ def _check_entry_sizes(rows: list[dict[str, Any]], found: _Problems) -> None:
                       "the same size", sort=f"{e['kind']} bytes per entry that change")
 
 
-def _check_device_balance(rows: list[dict[str, Any]], found: _Problems, block_bytes: int = 0) -> None:
+def _check_post_prefill_frees(rows: list[dict[str, Any]], found: _Problems) -> dict[int, int]:
+    """The work a policy does once the prompt is cached (a compressor's cut), checked exactly.
+
+    A prefill event that carries ext[FORWARD_KV_DEVICE_BYTES] (device KV when the prompt's
+    forward ended) and ext[POLICY_NS] (how long the policy's post-prefill work took, ending at
+    the event's end_ns) brackets that work: the evict and offload events timed inside it must
+    account for the change from that figure to the event's kv_device_bytes, byte for byte in
+    both directions. Returns, per checked prefill's seq, the bytes freed but not reported
+    (negative: reported but not freed), for the balance of the interval it ends.
+    """
+    unreported: dict[int, int] = {}
+    since = 0  # index of the first event after the previous step report
+    for index, e in enumerate(rows):
+        if e["kind"] not in STEP_REPORTS:
+            continue
+        first_of_group = since < index or index == 0 or rows[index - 1]["kind"] != Kind.PREFILL.value
+        if e["kind"] == Kind.PREFILL.value and first_of_group and FORWARD_KV_DEVICE_BYTES in (e["ext"] or {}):
+            unreported[e["seq"]] = _check_policy_window(rows[since:index], e, found)
+        since = index + 1
+    return unreported
+
+
+def _check_policy_window(between: list[dict[str, Any]], prefill: dict[str, Any], found: _Problems) -> int:
+    end = prefill["end_ns"]
+    start = end - int(_ext(prefill, POLICY_NS))
+    inside = [e for e in between if e["kind"] in (Kind.EVICT.value, Kind.OFFLOAD.value)
+              and start <= e["start_ns"] and e["end_ns"] <= end]
+    freed_events = [e for e in inside if e["kind"] == Kind.EVICT.value and not _simulated(e)
+                    and (e["src_medium"] or DEVICE) == DEVICE]
+    freed = sum(e["bytes"] or 0 for e in freed_events)
+    stored = sum(e["bytes"] or 0 for e in inside if e["kind"] == Kind.OFFLOAD.value and e["src_medium"] == DEVICE)
+    fetched = sum(e["bytes"] or 0 for e in inside if e["kind"] == Kind.OFFLOAD.value and e["dst_medium"] == DEVICE)
+    before, after = int(_ext(prefill, FORWARD_KV_DEVICE_BYTES)), prefill["kv_device_bytes"] or 0
+    drop = before - after
+    measured = (f"device KV was {before} bytes when the prompt's forward ended and {after} bytes after the "
+                f"policy's post-prefill work ({describe(prefill)}, seq {prefill['seq']}): {before} - {after} = "
+                f"{drop} bytes left the device")
+    if fetched:
+        measured += f", while {fetched} bytes were fetched to it"
+    if freed > drop + fetched:
+        seqs = _seq_range(freed_events)
+        found.add(freed_events[0]["seq"],
+                  f"the evict events at seq {seqs} report {freed} bytes freed from the device after prefill, but "
+                  f"{measured}: {freed - drop - fetched} bytes reported as freed are still resident. Either the "
+                  "strategy only masks those entries (free them: replace the cache tensors with smaller ones; or "
+                  "mark evictions that only mask ext['simulated']=1), or its evict events over-count bytes "
+                  "(bytes = entries x the bytes of one token's key and value in one KV head, measured from the "
+                  "tensors)", sort="bytes reported freed after prefill still resident")
+    elif drop > freed + stored:
+        reported = (f"the evict and offload events there (seq {_seq_range(inside)}) account for {freed + stored}"
+                    if inside else "no evict or offload event reports it")
+        found.add(prefill["seq"],
+                  f"{measured}, but {reported}: {drop - freed - stored} bytes left the device unreported. Either "
+                  "the strategy dropped entries without an evict event (padding slots too: report them with "
+                  "reason='padding'), or its evict events under-count bytes (count keys and values, and every KV "
+                  "head and layer an event covers)", sort="bytes freed after prefill not reported")
+    if freed > drop + fetched:
+        return drop + fetched - freed  # negative: what was reported but not freed
+    return max(0, drop - freed - stored)
+
+
+def _seq_range(rows: list[dict[str, Any]]) -> str:
+    first, last = rows[0]["seq"], rows[-1]["seq"]
+    return str(first) if first == last else f"{first}..{last}"
+
+
+def _check_device_balance(rows: list[dict[str, Any]], found: _Problems, block_bytes: int = 0,
+                          unreported: dict[int, int] | None = None) -> None:
     """Between two reports of device KV (prefill and decode_step events), the drop must be
     explained by evictions and transfers, and the rest of the change by new tokens.
 
@@ -331,6 +405,8 @@ def _check_device_balance(rows: list[dict[str, Any]], found: _Problems, block_by
     plus, where KV is allocated in blocks of `block_bytes`, one fresh block per request in flight.
     """
     intervals = _residency_intervals(rows)
+    for i in intervals:  # what the post-prefill check measured, so the KV per token is the true one
+        i.freed += (unreported or {}).get(i.first_seq, 0)
     bytes_per_token = max((i.written / i.tokens for i in intervals if i.prefill and i.tokens > 0), default=None)
     for i in intervals:
         if i.requests_ended:
@@ -348,9 +424,9 @@ def _check_device_balance(rows: list[dict[str, Any]], found: _Problems, block_by
             found.add(i.report["seq"], f"device KV went from {i.before} to {i.after} bytes since seq {i.since} while "
                       f"evict events report {i.freed} bytes freed: that leaves "
                       f"{i.written} bytes of new KV, more than {max(i.report['tokens'] or 0, i.in_flight)} tokens can "
-                      f"hold (at most {bytes_per_token:.0f} bytes each, as written by prefill); bytes reported as "
-                      "freed are still resident (an eviction that only masks must set ext['simulated']=1)",
-                      sort="evicted bytes still resident")
+                      f"hold (at most {bytes_per_token:.0f} bytes each, as written by prefill). Either bytes reported "
+                      "as freed are still resident (an eviction that only masks must set ext['simulated']=1), or the "
+                      "evict events over-count the bytes they freed", sort="evicted bytes still resident")
 
 
 @dataclass
@@ -367,6 +443,7 @@ class _Interval:
     requests_ended: bool = False
     in_flight: int = 0       # requests prefilled and not ended
     tokens: int = 0          # prompt tokens computed, for prefill groups
+    first_seq: int = -1      # seq of the first report of the interval (of a prefill group)
 
     @property
     def prefill(self) -> bool:
@@ -413,6 +490,7 @@ def _residency_intervals(rows: list[dict[str, Any]]) -> list[_Interval]:
             if current.prefill and intervals and intervals[-1].prefill:
                 intervals[-1].extend(current)  # the prefills of one batch write one cache together
             else:
+                current.first_seq = e["seq"]
                 intervals.append(current)
             current = _Interval(report={}, since=e["seq"], before=e["kv_device_bytes"], after=0)
     return intervals
