@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from kvprof import Medium, Phase
+from kvprof_transformers.attention_access import AttentionRequest, AttentionView
 from kvprof_transformers.runner import Batch, CachePolicy
 
 
@@ -136,3 +137,25 @@ def full_prompt_kv_bytes(config: Any, rows: int, slots: int, dtype: torch.dtype)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     per_slot = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * dtype.itemsize
     return rows * slots * per_slot
+
+
+class AttentionCompressor(OneShotCompressor):
+    """A one-shot prompt compressor (SnapKV-style): scores each prompt token by the attention the
+    last `window` prompt queries pay it, through the runner's attention API, and keeps the
+    `budget` best per layer and KV head."""
+
+    name = "attention-compressor"
+
+    def __init__(self, budget: int, window: int = 8) -> None:
+        super().__init__(budget)
+        self.attention_request = AttentionRequest(last_queries=window, prefill=True, decode=False)
+        self.layer_scores: dict[int, torch.Tensor] = {}
+
+    def before_prefill(self, batch: Batch, cache: Any) -> None:
+        self.layer_scores.clear()
+
+    def on_attention(self, view: AttentionView) -> None:
+        self.layer_scores[view.layer] = view.per_kv_head()  # (batch, kv_heads, slots)
+
+    def scores(self, batch: Batch, cache: Any) -> list[torch.Tensor]:
+        return [self.layer_scores[layer] for layer in range(len(cache.layers))]

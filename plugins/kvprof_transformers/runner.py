@@ -29,6 +29,13 @@ from typing import Any
 import torch
 
 from kvprof import Clock, Profiler, Request, UsageError
+from kvprof_transformers.attention_access import (
+    AttentionRequest,
+    AttentionTap,
+    AttentionView,
+    causal_visible,
+    last_query_probabilities,
+)
 from kvprof_transformers.loading import LoadedModel
 from kvprof_transformers.static_cache import (
     PassThroughCache,
@@ -94,6 +101,8 @@ class CachePolicy:
 
     name: str                           # the strategy's name, in messages and metadata
     supports_followup = True            # may a second prefill chunk follow `after_prefill`?
+    # Set to see each layer's attention in `on_attention` (see kvprof_transformers.attention_access).
+    attention_request: AttentionRequest | None = None
 
     def bind(self, runner: Runner) -> None:
         """Called once before the first batch: the runner gives access to the model, the
@@ -109,9 +118,16 @@ class CachePolicy:
 
         return DynamicCache(config=self.runner.loaded.config)
 
+    def before_prefill(self, batch: Batch, cache: Any) -> None:
+        """Called once per batch, right before the prompt's forward (the cache is empty)."""
+
     def attention_mask(self, batch: Batch, cache: Any) -> torch.Tensor | None:
         """The mask for the next forward (prefill: the prompt's; decode: one more column)."""
         return batch.attention_mask
+
+    def on_attention(self, view: AttentionView) -> None:
+        """With `attention_request` set: called per layer and forward, right after that layer's
+        attention, with the attention of the forward's last queries (`AttentionView`)."""
 
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
         """Called after each prefill chunk's forward (`tokens` slots per row were written)."""
@@ -209,12 +225,43 @@ class StaticPolicy(CachePolicy):
         kv = self.kv
         if self.decoding:
             kv.write_at(layer, self.slot, keys, values)
-            return decode_attention(query, kv.keys[layer], kv.values[layer], kv.mask, scaling)
+            output = decode_attention(query, kv.keys[layer], kv.values[layer], kv.mask, scaling)
+            if self.attention_request is not None and self.attention_request.decode:
+                self._observe_decode(layer, query, scaling)
+            return output
         first, end = self.filled, self.filled + keys.shape[-2]
         kv.write(layer, first, keys, values)
         valid = None if self.key_valid is None else self.key_valid[:, :end]
-        return prefill_attention(query, kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end], scaling,
-                                 valid, first)
+        output = prefill_attention(query, kv.keys[layer][:, :, :end], kv.values[layer][:, :, :end], scaling,
+                                   valid, first)
+        if self.attention_request is not None and self.attention_request.prefill:
+            self._observe_prefill(layer, query, kv.keys[layer][:, :, :end], valid, first, scaling)
+        return output
+
+    def _observe_prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None,
+                         first: int, scaling: float) -> None:
+        request, q_len, slots = self.attention_request, query.shape[2], keys.shape[2]
+        n = min(request.last_queries, q_len)
+        last = query[:, :, q_len - n:]
+        q_slots = torch.arange(first + q_len - n, first + q_len, device=query.device)
+        query_valid = torch.ones((query.shape[0], n), dtype=torch.bool, device=query.device) if valid is None \
+            else valid[:, first + q_len - n:first + q_len].bool()
+        probabilities = None
+        if request.probabilities:
+            visible = causal_visible(q_slots, slots, valid)
+            probabilities = last_query_probabilities(last, keys, visible, scaling)
+        self.on_attention(AttentionView(layer, False, keys, query_valid, probabilities,
+                                        last if request.queries else None))
+
+    def _observe_decode(self, layer: int, query: torch.Tensor, scaling: float) -> None:
+        """Inside the captured step (device work only): the one query over every slot."""
+        request, kv = self.attention_request, self.kv
+        probabilities = None
+        if request.probabilities:
+            probabilities = last_query_probabilities(query, kv.keys[layer], kv.mask == 0, scaling)
+        query_valid = torch.ones((query.shape[0], 1), dtype=torch.bool, device=query.device)
+        self.on_attention(AttentionView(layer, True, kv.keys[layer], query_valid, probabilities,
+                                        query if request.queries else None))
 
     def attention_mask(self, batch: Batch, cache: Any) -> torch.Tensor | None:
         # Before each prefill chunk: the real-token mask over the slots so far (a follow-up's
@@ -293,6 +340,8 @@ class Runner:
         self.filled_slots = 0
         self.run_start_ns = 0
         self.requests: list[Request] = []
+        self.batch: Batch | None = None     # the batch running now
+        self.tap: AttentionTap | None = None
 
     @property
     def is_static(self) -> bool:
@@ -309,6 +358,8 @@ class Runner:
         """
         self.requests = requests
         self.policy.bind(self)
+        if self.policy.attention_request is not None and not self.is_static:
+            self.tap = AttentionTap(self)  # the fast engine's policy computes attention itself
         self.slots = max(self._slots_needed(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size))
         outputs: list[list[int]] = []
         try:
@@ -325,6 +376,9 @@ class Runner:
             for first in range(0, len(requests), batch_size):
                 outputs.extend(self.run_batch(requests[first:first + batch_size]))
         finally:
+            if self.tap is not None:
+                self.tap.remove()
+                self.tap = None
             self.policy.close()
         return outputs
 
@@ -334,7 +388,7 @@ class Runner:
             # A smaller last batch gets buffers and a graph of its own (its time counts).
             self.policy.prepare(len(requests), self.slots)
             self._capture(len(requests), self.state.tokens.shape[1] - 1)
-        batch = self._make_batch(requests)
+        batch = self.batch = self._make_batch(requests)
         cache = self.policy.new_cache(batch)
         next_ids = self._prefill(batch, cache)
         if self.is_static:
@@ -395,6 +449,7 @@ class Runner:
     def _prefill(self, batch: Batch, cache: Any) -> torch.Tensor:
         """The prompt, then (if any) the follow-up as a second chunk; TTFT ends after the last."""
         start = batch.start_ns = self.clock.now_synced()
+        self.policy.before_prefill(batch, cache)
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
         next_ids = self._forward(batch, cache, batch.input_ids, position_ids)
         self.policy.after_chunk(batch, cache, batch.input_ids.shape[1])
