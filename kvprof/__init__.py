@@ -11,12 +11,13 @@ from kvprof.events import Event, Kind, Medium, Phase
 from kvprof.hookspecs import hookimpl
 from kvprof.models import ModelSpec
 from kvprof.profiler import Profiler, RunInfo
-from kvprof.strategy import Option, RunContext, Strategy, in_range, non_negative, positive
+from kvprof.strategy import KVBudget, Option, RunContext, Strategy, in_range, non_negative, positive
 from kvprof.workloads import Request, WorkloadParams, WorkloadSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Clock", "Event", "Kind", "Medium", "ModelSpec", "Option", "Phase", "Profiler", "Request", "RunContext", "RunInfo",
-    "Strategy", "UsageError", "WorkloadParams", "WorkloadSpec", "hookimpl", "in_range", "non_negative", "positive",
+    "Clock", "Event", "KVBudget", "Kind", "Medium", "ModelSpec", "Option", "Phase", "Profiler", "Request", "RunContext",
+    "RunInfo", "Strategy", "UsageError", "WorkloadParams", "WorkloadSpec", "hookimpl", "in_range", "non_negative",
+    "positive",
 ]

@@ -71,6 +71,8 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
         strategy_cls = plugins.strategy(settings.strategy)
     plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
     options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
+    strategy = strategy_cls()
+    strategy.check_options(options)
     settings.workload.validate()
     model = resolve_model(settings.model, settings.weights, registry.models)
     device = settings.device or default_device()
@@ -87,6 +89,9 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
         plugin_version=plugins.version_of(plugin),
         label=settings.label, metadata=dict(settings.metadata), environment=describe_environment(device),
     )
+    budget = strategy.kv_budget(options)
+    if budget is not None:
+        run.extra["kv_budget"] = budget.to_dict()
     seed_everything(settings.seed)
     profiler = Profiler(pm, run)
     context = RunContext(model=model, workload=settings.workload, options=options, profiler=profiler,
@@ -98,7 +103,7 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
         pm.register(settings.display, name="kvprof:display")
     try:
         profiler.status(f"loading {model.name} ({model.weights} weights) on {device}")
-        strategy_cls().run(context)
+        strategy.run(context)
     except BaseException as exc:  # a plugin crash: recorded, and the trace stays readable
         outcome.error = exc
     finally:

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from kvprof.profiler import Profiler
     from kvprof.workloads import WorkloadSpec
 
-__all__ = ["Option", "RunContext", "Strategy", "UsageError", "in_range", "non_negative", "parse_options", "positive"]
+__all__ = ["KVBudget", "Option", "RunContext", "Strategy", "UsageError", "in_range", "non_negative", "parse_options",
+           "positive"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,24 @@ class RunContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class KVBudget:
+    """The KV cache a strategy keeps per sequence: a fraction of the prompt, a count of tokens, or
+    both (added: H2O's heavy ratio plus a recent window in tokens). The analyses read it from the
+    run metadata (`extra["kv_budget"]`): the retention table's budget column and the
+    accuracy-vs-budget figure place the run at fraction + tokens / prompt_len (at most 1)."""
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fraction is None and self.tokens is None:
+            raise ValueError("a KVBudget needs a fraction, a token count or both")
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"fraction": self.fraction, "tokens": self.tokens}
+
+
 class Strategy:
     """Base class for strategies. Subclasses set the class attributes and implement `run`."""
 
@@ -113,6 +132,15 @@ class Strategy:
 
     def run(self, ctx: RunContext) -> None:
         raise NotImplementedError
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Checks across options (say, window < budget), run before the model loads, on the typed
+        values after each Option's own check: raise UsageError with one line for a bad combination."""
+
+    def kv_budget(self, options: dict[str, Any]) -> KVBudget | None:
+        """The KV budget these options give, or None for a strategy that keeps everything (the
+        `full` reference). kvprof records it in the run metadata before the run starts."""
+        return None
 
     def describe_deviations(self) -> list[str]:
         """Where this implementation departs from the published method; recorded in the trace."""

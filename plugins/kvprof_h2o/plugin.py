@@ -54,13 +54,19 @@ class H2OStrategy(TransformersStrategy):
         Option("graphs", True, "capture the decode step in a CUDA graph (engine=static, CUDA only)"),
     )
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """The budget as a whole (not zero, ratios within the prompt), before the model loads."""
+        from kvprof_h2o.policy import Budget
+
+        Budget(options["heavy_ratio"], options["recent_ratio"], options["heavy_tokens"],
+               options["recent_tokens"]).check()
+
     def make_policy(self, loaded: LoadedModel, options: dict[str, Any]) -> H2OPolicy:
         from kvprof_h2o import attention
         from kvprof_h2o.policy import Budget, H2OPolicy
 
         budget = Budget(options["heavy_ratio"], options["recent_ratio"], options["heavy_tokens"],
                         options["recent_tokens"])
-        budget.check()
         num_layers = loaded.config.get_text_config().num_hidden_layers
         exempt = parse_layers(options["exempt_layers"])
         if any(layer >= num_layers for layer in exempt):

@@ -42,6 +42,7 @@ class TransformersStrategy(Strategy):
         """`run` on a model already loaded (benchmarks run several strategies on one model)."""
         from kvprof_transformers.runner import Runner
 
+        self.check_options(ctx.options)  # `kvprof trace` checked them before loading; benchmarks come here
         policy = self.make_policy(loaded, ctx.options)
         vocab = loaded.config.get_text_config().vocab_size
         workload = ctx.workload.build(loaded.encode, loaded.chat_wrapping(), vocab_size=vocab)
@@ -55,6 +56,9 @@ class TransformersStrategy(Strategy):
             num_layers=loaded.config.get_text_config().num_hidden_layers,
             warmup_runs=ctx.warmup_runs, **self.policy_metadata(policy),
         )
+        budget = self.kv_budget(ctx.options)
+        if budget is not None and "kv_budget" not in run.extra:
+            run.extra["kv_budget"] = budget.to_dict()
         batch_size = ctx.workload.params.batch_size
         for number in range(1, ctx.warmup_runs + 1):  # excluded from the trace: a profiler that listens to nothing
             ctx.profiler.status(f"warm-up run {number}/{ctx.warmup_runs} (not traced)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from kvprof import Option, hookimpl, non_negative, positive
+from kvprof import KVBudget, Option, hookimpl, non_negative, positive
 from kvprof_transformers.plugin import TransformersStrategy
 
 if TYPE_CHECKING:
@@ -36,9 +36,9 @@ class StreamingLLMStrategy(TransformersStrategy):
 
         return StreamingLLMPolicy(options["sink_tokens"], options["recent_tokens"])
 
-    def policy_metadata(self, policy: StreamingLLMPolicy) -> dict:
-        """The KV budget in the form the analyses read: a fixed number of tokens."""
-        return {"kv_budget": {"fraction": None, "tokens": policy.budget}}
+    def kv_budget(self, options: dict) -> KVBudget:
+        """What the analyses put on the budget axis: a fixed number of tokens per sequence."""
+        return KVBudget(tokens=options["sink_tokens"] + options["recent_tokens"])
 
     def describe_deviations(self) -> list[str]:
         return [

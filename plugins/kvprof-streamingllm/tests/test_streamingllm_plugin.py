@@ -87,3 +87,12 @@ def test_cli_trace_and_analyze(tmp_path: Path, capsys) -> None:
     survival = results["retention"]["survival"]
     assert (survival["asked_first_token"], survival["asked_last_token"]) == (1.0, 0.0)
     assert survival["asked_mean"] == pytest.approx(1 / output_len)
+    # The budget the strategy declares (kv_budget: sink + recent tokens) fills the budget column.
+    budget = (SINKS + RECENT) / prompt_len
+    assert read_trace(path).run["extra"]["kv_budget"] == {"fraction": None, "tokens": SINKS + RECENT}
+    assert results["retention"]["budget"] == pytest.approx(budget)
+    assert [row["budget"] for row in results["retention"]["accuracy"]] == [pytest.approx(budget)]
+    assert main(["analyze", str(path), "--only", "retention"]) == 0
+    table = capsys.readouterr().out
+    (row,) = [line for line in table.splitlines() if "passkey" in line]
+    assert row.replace("│", " ").split()[3] == f"{budget:.3f}", table  # the budget column
