@@ -72,7 +72,8 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
     plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
     options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
     strategy = strategy_cls()
-    strategy.check_options(options)
+    # Strategy's methods; a registered class that does not subclass Strategy may lack them.
+    getattr(strategy, "check_options", lambda options: None)(options)
     settings.workload.validate()
     model = resolve_model(settings.model, settings.weights, registry.models)
     device = settings.device or default_device()
@@ -89,7 +90,7 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
         plugin_version=plugins.version_of(plugin),
         label=settings.label, metadata=dict(settings.metadata), environment=describe_environment(device),
     )
-    budget = strategy.kv_budget(options)
+    budget = getattr(strategy, "kv_budget", lambda options: None)(options)
     if budget is not None:
         run.extra["kv_budget"] = budget.to_dict()
     seed_everything(settings.seed)
