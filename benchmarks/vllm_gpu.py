@@ -90,7 +90,20 @@ def kvprof_trace_figures(trace_path: Path, outputs: dict[str, Any]) -> dict[str,
     gaps = [abs(kvprof_ttft_s[rid] - output.metrics.first_token_latency) * 1e3 for rid, output in outputs.items()]
     latency = trace_summary(trace)["latency_ms"]
     return {"kvprof_ttft_ms": latency["ttft"]["median"], "kvprof_itl_ms": latency["itl"]["median"],
-            "ttft_gap_to_vllm_ms_max": max(gaps)}
+            "ttft_gap_to_vllm_ms_max": max(gaps), "decode_only_step_ms": decode_only_steps(trace)}
+
+
+def decode_only_steps(trace: Any) -> dict[int, float]:
+    """Median engine step time of the steps that scheduled no prefill token, by how many requests
+    they decoded. Under chunked prefill a request's decode time includes the other requests' prefill
+    chunks; these steps are decode alone."""
+    by_width: dict[int, list[float]] = {}
+    for step in trace.of_kind("decode_step").to_pylist():
+        ext = dict(step["ext"] or {})
+        if ext.get("prefill_tokens") == 0:
+            width = int(ext.get("decode_requests", step["batch_size"]))
+            by_width.setdefault(width, []).append((step["end_ns"] - step["start_ns"]) / 1e6)
+    return {width: statistics.median(times) for width, times in sorted(by_width.items())}
 
 
 def generated_tokens(outputs: dict[str, Any]) -> int:
@@ -187,6 +200,8 @@ def summarize_batch(bench: Bench, args: argparse.Namespace, batch: int, rounds: 
         "plain_ttft_ms_median": statistics.median(column("plain", "vllm_ttft_ms")),
         "kvprof_ttft_ms_median": statistics.median(column("kvprof", "kvprof_ttft_ms")),
         "ttft_gap_to_vllm_ms_max": max(column("kvprof", "ttft_gap_to_vllm_ms_max")),
+        # the widest decode-only steps seen (all `batch` requests decoding when prefill does not interleave)
+        "decode_only_step_ms_widest": widest_decode_only(column("kvprof", "decode_only_step_ms")),
         "overhead_decode_kvprof_over_plain": kvprof_decode / plain_decode,
         "overhead_throughput_plain_over_kvprof": ratio_of_medians(column("plain", "tokens_per_s"),
                                                                    column("kvprof", "tokens_per_s")),
@@ -197,6 +212,15 @@ def summarize_batch(bench: Bench, args: argparse.Namespace, batch: int, rounds: 
         "trace": trace_path.name,
         "by_round": rounds,
     }
+
+
+def widest_decode_only(rounds: list[dict[int, float]]) -> dict[str, float] | None:
+    """Over the rounds: the most requests a decode-only step held, and the median of those steps' medians."""
+    widths = [max(by_width) for by_width in rounds if by_width]
+    if not widths:
+        return None
+    width = max(widths)
+    return {"requests": width, "step_ms": statistics.median(r[width] for r in rounds if width in r)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -258,7 +282,8 @@ def print_row(row: dict[str, Any]) -> None:
           f"{row['kvprof_itl_ms_median']:.2f} ms; TTFT plain {row['plain_ttft_ms_median']:.1f} ms, kvprof "
           f"{row['kvprof_ttft_ms_median']:.1f} ms (max gap to vLLM's {row['ttft_gap_to_vllm_ms_max']:.3f} ms); "
           f"limit {row['bandwidth_limit_ms']:.2f} ms = {100 * row['limit_over_plain_decode']:.0f}% of plain decode; "
-          f"cached tokens {row['cached_tokens_max']}; same tokens {row['same_tokens']}", flush=True)
+          f"cached tokens {row['cached_tokens_max']}; same tokens {row['same_tokens']}; widest decode-only steps "
+          f"{row['decode_only_step_ms_widest']}", flush=True)
 
 
 if __name__ == "__main__":
