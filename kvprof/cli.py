@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(commands)
     _add_validate(commands)
     _add_sweep(commands)
+    _add_new_plugin(commands)
     from kvprof.analysis.commands import add_commands  # analyze, compare, export
 
     add_commands(commands)
@@ -517,6 +518,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: {'INVALID' if problems else 'valid'}")
         worst = max(worst, 1 if problems else 0)
     return worst
+
+
+def _add_new_plugin(commands: Any) -> None:
+    p = commands.add_parser("new-plugin", help="start a strategy plugin project: the example plugin, renamed")
+    p.add_argument("name", metavar="NAME", help="the strategy's name (lower case, digits, _): "
+                   "kvprof trace --plugin NAME; the package becomes kvprof_NAME")
+    p.add_argument("--dir", default=".", help="where to create the project folder kvprof-NAME")
+    p.set_defaults(handler=cmd_new_plugin)
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from kvprof.scaffold import new_plugin
+
+    target = new_plugin(args.name, Path(args.dir))
+    print(f"created {target}\n"
+          f"  pip install -e {target}        # registers the entry point: kvprof plugins lists {args.name}\n"
+          f"  pytest {target / 'tests'}      # the conformance kit runs it\n"
+          f"  then change {target / ('kvprof_' + args.name) / 'policy.py'}: the policy decides what the cache holds")
+    return 0
 
 
 if __name__ == "__main__":
