@@ -91,8 +91,8 @@ def run_harness(model, prompts: torch.Tensor, new_tokens: int, rounds: int = 3) 
                 cache.decoding, cache.filled = False, 0
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                positions = torch.arange(length, device=prompts.device)[None].expand(batch, -1)
-                logits = model(input_ids=prompts, position_ids=positions,
+                prompt_positions = torch.arange(length, device=prompts.device)[None].expand(batch, -1)
+                logits = model(input_ids=prompts, position_ids=prompt_positions,
                                past_key_values=_Passthrough(), use_cache=True, logits_to_keep=1).logits
                 ids.copy_(logits[:, -1].argmax(-1)[:, None])
                 end.record()
