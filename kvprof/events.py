@@ -11,10 +11,10 @@ follow existing vocabularies where one exists: vLLM's KV events (`block_hashes`,
 OpenTelemetry's gen_ai conventions (request ids).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the TypedDicts below need their Required[...] evaluated.
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Annotated, NotRequired, Required, TypedDict, get_args, get_origin, get_type_hints
 
 
 class Kind(str, Enum):
@@ -90,3 +90,148 @@ class Event:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+
+
+# --- the fields of each kind ---------------------------------------------------------------
+#
+# One table: per kind, the fields a strategy passes to `Profiler.emit_<kind>` (Required ones on
+# every event of the kind, the others where they apply), each with what it holds for that kind.
+# The `emit_*` signatures are typed with it, the conformance kit checks the Required ones, and
+# docs/hooks.md renders it. Every kind may also carry `ext` (numeric detail, units in the keys).
+
+Ext = Annotated[dict[str, float], "numeric detail; the unit in each key's name"]
+
+
+class PrefillFields(TypedDict, total=False):
+    request_id: Required[Annotated[str, "the request"]]
+    tokens: Required[Annotated[int, "prompt tokens computed now (one chunk's, when chunked)"]]
+    kv_device_bytes: Required[Annotated[int, "KV bytes on the device after it"]]
+    batch_size: Annotated[int, "requests prefilled together"]
+    kv_host_bytes: Annotated[int, "KV bytes on the host after it"]
+    aux_device_bytes: Annotated[int, "strategy structures on the device after it"]
+    ext: Ext
+
+
+class DecodeStepFields(TypedDict, total=False):
+    step: Required[Annotated[int, "decode step index, 0 = first step after prefill"]]
+    batch_size: Required[Annotated[int, "running requests, one token each"]]
+    tokens: Required[Annotated[int, "tokens scheduled in the step"]]
+    kv_device_bytes: Required[Annotated[int, "KV bytes on the device after the step, measured"]]
+    kv_host_bytes: Annotated[int, "KV bytes on the host after the step"]
+    aux_device_bytes: Annotated[int, "strategy structures on the device after the step"]
+    ext: Ext
+
+
+class EvictFields(TypedDict, total=False):
+    reason: Required[Annotated[str, "why: the strategy's name, padding, preempt_recompute, prefix_cache, ..."]]
+    tokens: Required[Annotated[int, "entries dropped"]]
+    bytes: Required[Annotated[int, "bytes freed (0 when only masked, ext simulated=1)"]]
+    src_medium: Required[Annotated[str, "the Medium the entries were in"]]
+    request_id: Annotated[str, "the request whose entries were dropped"]
+    step: Annotated[int | None, "the decode step; None for a cut at the end of prefill"]
+    layer: Annotated[int | None, "the layer; None: every layer alike"]
+    kv_head: Annotated[int, "the KV head (detail head)"]
+    positions: Annotated[list[list[int]], "token positions, one list per KV head, or one list when heads agree"]
+    block_hashes: Annotated[list[int], "vLLM's hashes of the evicted blocks"]
+    kv_device_bytes: Annotated[int, "KV bytes on the device after it"]
+    kv_host_bytes: Annotated[int, "KV bytes on the host after it"]
+    ext: Ext
+
+
+class OffloadFields(TypedDict, total=False):
+    src_medium: Required[Annotated[str, "the Medium copied from"]]
+    dst_medium: Required[Annotated[str, "the Medium copied to (device->host: a store, host->device: a fetch)"]]
+    tokens: Required[Annotated[int, "entries (rows) copied"]]
+    bytes: Required[Annotated[int, "bytes copied; bytes / duration is the achieved bandwidth"]]
+    request_id: Annotated[str, "the request, when one request's entries moved"]
+    step: Annotated[int | None, "the decode step"]
+    layer: Annotated[int | None, "the layer; None: several layers in one copy"]
+    kv_head: Annotated[int, "the KV head (detail head)"]
+    batch_size: Annotated[int, "rows of the batch the copy served"]
+    positions: Annotated[list[list[int]], "token positions copied, per KV head or one list"]
+    block_hashes: Annotated[list[int], "vLLM's hashes of the moved blocks"]
+    kv_device_bytes: Annotated[int, "KV bytes on the device after it"]
+    kv_host_bytes: Annotated[int, "KV bytes on the host after it"]
+    ext: Ext
+
+
+class PhaseDetail(TypedDict, total=False):
+    """A PHASE event's fields besides `phase`, which `emit_phase` takes first."""
+
+    step: Annotated[int | None, "the decode step"]
+    layer: Annotated[int | None, "the layer"]
+    request_id: Annotated[str, "the request, for per-request work"]
+    batch_size: Annotated[int, "rows the work covered"]
+    tokens: Annotated[int, "tokens the work covered (selected, moved)"]
+    bytes: Annotated[int, "bytes the work covered"]
+    ext: Ext
+
+
+class PhaseFields(PhaseDetail, total=False):
+    phase: Required[Annotated[str, "a Phase value or the plugin's own name"]]
+
+
+class SampleFields(TypedDict, total=False):
+    mem_allocated_bytes: Annotated[int, "torch allocator: allocated now"]
+    mem_reserved_bytes: Annotated[int, "torch allocator: reserved now"]
+    mem_peak_allocated_bytes: Annotated[int, "torch allocator: peak allocated since the last sample"]
+    mem_peak_reserved_bytes: Annotated[int, "torch allocator: peak reserved since the last sample"]
+    nvml_used_bytes: Annotated[int, "NVML: device memory used by all processes"]
+    ext: Ext
+
+
+class RequestEndFields(TypedDict, total=False):
+    request_id: Required[Annotated[str, "the request"]]
+    tokens: Required[Annotated[int, "output tokens"]]
+    text: Annotated[str, "the decoded output (answer accuracy of retention probes)"]
+    ext: Ext
+
+
+class RunEndFields(TypedDict, total=False):
+    ext: Required[Annotated[dict[str, float], "the profiler's own cost: events emitted, ns delivering them"]]
+
+
+KIND_FIELDS: dict[Kind, type] = {
+    Kind.PREFILL: PrefillFields,
+    Kind.DECODE_STEP: DecodeStepFields,
+    Kind.EVICT: EvictFields,
+    Kind.OFFLOAD: OffloadFields,
+    Kind.PHASE: PhaseFields,
+    Kind.SAMPLE: SampleFields,
+    Kind.REQUEST_END: RequestEndFields,
+    Kind.RUN_END: RunEndFields,
+}
+
+
+@dataclass(frozen=True)
+class KindField:
+    """One row of the table, read from its TypedDict."""
+
+    name: str
+    type: str
+    required: bool
+    meaning: str
+
+
+def kind_fields(kind: Kind) -> list[KindField]:
+    """The fields of `kind`, Required first, in the table's order (none for run_start)."""
+    table = KIND_FIELDS.get(kind)
+    if table is None:
+        return []
+    required: frozenset[str] = getattr(table, "__required_keys__", frozenset())
+    rows = []
+    for name, hint in get_type_hints(table, include_extras=True).items():
+        if get_origin(hint) in (Required, NotRequired):
+            hint = get_args(hint)[0]
+        base, meaning = get_args(hint)[:2] if get_origin(hint) is Annotated else (hint, "")
+        rows.append(KindField(name, _type_name(base), name in required, str(meaning)))
+    return sorted(rows, key=lambda row: not row.required)
+
+
+def required_fields(kind: Kind) -> tuple[str, ...]:
+    """What every event of `kind` carries (the conformance kit checks these)."""
+    return tuple(row.name for row in kind_fields(kind) if row.required)
+
+
+def _type_name(hint: object) -> str:
+    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else str(hint).replace("typing.", "")

@@ -26,6 +26,16 @@ Event hooks run on the hot path: keep them cheap, defer work to `run_end`, never
 device (no `.item()`, no synchronize). They return nothing; an exception in a sink aborts the
 run with a `kvprof.errors.SinkError` that names the sink's plugin (`KVPROF_DEBUG=1 kvprof trace
 ...` shows the traceback into the sink), and the trace written so far stays readable.
+
+Each event kind's fields are one table, in `kvprof.events` (`KIND_FIELDS`): it types the
+`Profiler.emit_*` helpers, gives the conformance kit its required fields, and is rendered under
+each event hook of the hook reference.
+
+Why one hook per kind rather than one `kvprof_event(event)`: pluggy calls only the plugins that
+implement a hook, so a sink pays only for the kinds it asks for. The live display and the NVTX
+sink implement prefill and decode_step (and NVTX offload); the most numerous events, evict and
+offload at one per layer and step (per head at detail "head"), never reach them. The trace
+writer, which wants every kind, implements each hook with the same one-line method.
 """
 
 from __future__ import annotations
@@ -119,9 +129,8 @@ def kvprof_run_start(run: RunInfo, event: Event) -> None:
 def kvprof_prefill(event: Event) -> None:
     """A request's prompt was processed: start_ns to end_ns with its first token ready.
 
-    Fields: request_id, tokens (prompt tokens computed now), ext["cached_tokens"] (served from a
-    prefix cache), ext["prompt_tokens"] (the whole prompt), kv_device_bytes after it. A chunked
-    prefill fires one event per chunk with ext["chunk"]=1; the last chunk's end is the first
+    ext["cached_tokens"]: served from a prefix cache; ext["prompt_tokens"]: the whole prompt. A
+    chunked prefill fires one event per chunk with ext["chunk"]=1; the last chunk's end is the first
     token's time. A preempted request's recomputation fires again with ext["recompute"]=1 and
     does not move its first-token time.
     """
@@ -131,9 +140,8 @@ def kvprof_prefill(event: Event) -> None:
 def kvprof_decode_step(event: Event) -> None:
     """One step produced one token for each of `batch_size` running requests.
 
-    Fires once per step, after the step's device work finished (synchronized end time). Fields:
-    step, batch_size, tokens (tokens scheduled), kv_device_bytes / kv_host_bytes /
-    aux_device_bytes resident after the step, measured from the tensors.
+    Fires once per step, after the step's device work finished (synchronized end time); the KV
+    bytes are measured from the tensors.
     """
 
 
@@ -141,10 +149,7 @@ def kvprof_decode_step(event: Event) -> None:
 def kvprof_evict(event: Event) -> None:
     """KV entries were dropped (memory freed or, if ext["simulated"]=1, only masked).
 
-    Fields: reason, layer, request_id, tokens (entries dropped), bytes (freed), positions (one
-    list of token positions per KV head, or one list when heads agree), block_hashes (vLLM),
-    src_medium (where they were). At most one event per step, layer and request unless the run's
-    detail is "head".
+    At most one event per step, layer and request unless the run's detail is "head".
     """
 
 
@@ -152,10 +157,9 @@ def kvprof_evict(event: Event) -> None:
 def kvprof_offload(event: Event) -> None:
     """KV entries were copied between tiers: src_medium -> dst_medium.
 
-    device->host is a store, host->device a fetch (ext["prefetch"]=1 when speculative). Fields:
-    layer, request_id, tokens (rows), bytes, positions where known; start_ns/end_ns time the copy
-    itself (CUDA events on GPUs), so bytes / duration is the achieved bandwidth. Time the consumer
-    spent waiting for it is a separate PHASE event.
+    device->host is a store, host->device a fetch (ext["prefetch"]=1 when speculative).
+    start_ns/end_ns time the copy itself (CUDA events on GPUs), so bytes / duration is the
+    achieved bandwidth. Time the consumer spent waiting for it is a separate PHASE event.
     """
 
 
@@ -165,7 +169,7 @@ def kvprof_phase(event: Event) -> None:
 
     Standard names are in `kvprof.Phase` (speculation, kv_transfer, eviction,
     sync_stall). The breakdown analysis subtracts these from the step; the remainder is decode
-    compute. Fields: phase, step, layer.
+    compute.
     """
 
 
@@ -173,9 +177,8 @@ def kvprof_phase(event: Event) -> None:
 def kvprof_sample(event: Event) -> None:
     """Memory and device telemetry at one moment (a point event).
 
-    Fields: mem_allocated_bytes, mem_reserved_bytes, mem_peak_*_bytes (torch allocator),
-    nvml_used_bytes, ext["pcie_rx_bytes_per_s"], ext["pcie_tx_bytes_per_s"] (NVML, 20 ms
-    windows). Samplers may fire from their own thread; the core serializes delivery.
+    ext["pcie_rx_bytes_per_s"], ext["pcie_tx_bytes_per_s"]: NVML, 20 ms windows. Samplers may
+    fire from their own thread; the core serializes delivery.
     """
 
 
@@ -183,8 +186,7 @@ def kvprof_sample(event: Event) -> None:
 def kvprof_request_end(event: Event) -> None:
     """A request finished. start_ns is its arrival, end_ns its last token.
 
-    Fields: request_id, tokens (output tokens), ext["prompt_tokens"], text (decoded output, for
-    answer accuracy of retention probes).
+    ext["prompt_tokens"]: the prompt's length.
     """
 
 

@@ -7,7 +7,7 @@ all. They walk the events in Python: they are meant for the small traces of a pl
 
 The rules, beyond the schema (`kvprof validate`):
 
-* fields: every kind carries the fields its hook documents (an evict event its reason, tokens,
+* fields: every kind carries the required fields of its row in `kvprof.events` (an evict event its reason, tokens,
   bytes and tier, ...).
 * units: timestamps are host monotonic nanoseconds inside the run, tiers are `Medium` values,
   byte counts are bytes.
@@ -35,19 +35,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from kvprof.events import Kind, Medium
+from kvprof.events import Kind, Medium, required_fields
 from kvprof.trace import Trace
 
 MAX_REPEATS = 3  # problems of one sort reported in full; the rest are counted
 
+# From the per-kind field table of kvprof.events (its Required fields).
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    Kind.PREFILL.value: ("request_id", "tokens", "kv_device_bytes"),
-    Kind.DECODE_STEP.value: ("step", "batch_size", "tokens", "kv_device_bytes"),
-    Kind.EVICT.value: ("reason", "tokens", "bytes", "src_medium"),
-    Kind.OFFLOAD.value: ("src_medium", "dst_medium", "tokens", "bytes"),
-    Kind.PHASE.value: ("phase",),
-    Kind.REQUEST_END.value: ("request_id", "tokens"),
-    Kind.RUN_END.value: ("ext",),
+    kind.value: required_fields(kind) for kind in Kind if required_fields(kind)
 }
 
 # Prefill ext keys of engines that measure device KV before and after the policy's post-prefill
@@ -126,7 +121,7 @@ def _simulated(event: dict[str, Any]) -> bool:
 
 
 def check_required_fields(trace: Trace) -> list[Problem]:
-    """Each kind carries the fields its hook documents (REQUIRED_FIELDS)."""
+    """Each kind carries the required fields of its row in kvprof.events (REQUIRED_FIELDS)."""
     found = _Problems("fields")
     for event in events(trace):
         for name in REQUIRED_FIELDS.get(event["kind"], ()):

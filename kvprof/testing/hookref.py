@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvprof import hookspecs
+from kvprof.events import Kind, kind_fields
 
 START = ("<!-- hookref:start: generated from kvprof/hookspecs.py by "
          "`python -m kvprof.testing.hookref --write docs/hooks.md` -->")
@@ -45,7 +46,21 @@ def render() -> str:
         options = [key for key, value in function.kvprof_spec.items() if value is True]
         suffix = f"  *({', '.join(options)})*" if options else ""
         lines += [f"### `{name}{_signature(function)}`{suffix}", "", inspect.getdoc(function) or "", ""]
+        lines += _fields_table(name.removeprefix("kvprof_"))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _fields_table(kind_name: str) -> list[str]:
+    """The event's fields, from the per-kind table of kvprof.events (none for non-event hooks)."""
+    kind = next((kind for kind in Kind if kind.value == kind_name), None)
+    rows = kind_fields(kind) if kind is not None else []
+    if not rows:
+        return []
+    lines = ["| field | type | | what it holds |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        type_name = row.type.replace("|", "\\|")  # a union's bar would end the table cell
+        lines.append(f"| `{row.name}` | {type_name} | {'required' if row.required else ''} | {row.meaning} |")
+    return lines + [""]
 
 
 def _signature(function: Callable[..., Any]) -> str:
