@@ -132,7 +132,11 @@ def kvprof_prefill(event: Event) -> None:
     ext["cached_tokens"]: served from a prefix cache; ext["prompt_tokens"]: the whole prompt. A
     chunked prefill fires one event per chunk with ext["chunk"]=1; the last chunk's end is the first
     token's time. A preempted request's recomputation fires again with ext["recompute"]=1 and
-    does not move its first-token time.
+    does not move its first-token time. A follow-up turn (`--question after`) fires once more with
+    ext["followup"]=1. On the transformers runner the prompt's event also carries
+    ext["forward_kv_device_bytes"] (device KV when the forward ended, before the policy's
+    after_prefill: the true peak of a strategy that compresses then) and ext["policy_ns"] (how long
+    after_prefill took, ending at end_ns); its kv_device_bytes are after that work.
     """
 
 
