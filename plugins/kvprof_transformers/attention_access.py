@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvprof_transformers.static_cache import attention_modules
+
 if TYPE_CHECKING:
     from kvprof_transformers.runner import Runner
 
@@ -119,7 +121,7 @@ class AttentionTap:
         AttentionMaskInterface.register(TAP_NAME, ALL_MASK_ATTENTION_FUNCTIONS.get(self.previous,
                                                                                  ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]))
         model.set_attn_implementation(TAP_NAME)
-        self.modules = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self.modules = attention_modules(model)
         for module in self.modules:
             setattr(module, TAP_ATTRIBUTE, self)
 
