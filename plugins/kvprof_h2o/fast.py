@@ -36,12 +36,14 @@ import torch
 
 from kvprof import Medium, Phase, UsageError
 from kvprof_h2o import attention
+from kvprof_h2o.decode_kernel import fused_decode
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
 from kvprof_h2o.mass_kernel import triton_mass
 from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
 from kvprof_transformers.static_cache import prefill_attention
 
 _TRITON_MASS = {"usable": True}
+_TRITON_DECODE = {"usable": True}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
@@ -91,6 +93,47 @@ def torch_prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions:
     return mass
 
 
+def torch_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache_keys: torch.Tensor,
+                 cache_values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, free: torch.Tensor,
+                 now: torch.Tensor, recent: torch.Tensor, cap: torch.Tensor, evicted: torch.Tensor,
+                 step: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One layer's decode step in torch (the CPU path and the reference of `decode_kernel.fused_decode`,
+    which documents the arguments): the new token into its free slot, attention over every slot,
+    the weights added to the scores, the next free slot chosen and its victim recorded."""
+    batch, kv_heads, _, dim = cache_keys.shape
+    slot = free[:, :, None]
+    cache_keys.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), keys)
+    cache_values.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), values)
+    positions.scatter_(-1, slot, now[:, :, None].expand(batch, kv_heads, 1))
+    scores.scatter_(-1, slot, 0.0)
+    group = query.shape[1] // kv_heads
+    grouped = (query * scaling).reshape(batch, kv_heads, group, dim)
+    logits = torch.matmul(grouped, cache_keys.transpose(-1, -2))
+    logits.masked_fill_((positions < 0)[:, :, None, :], torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    output = torch.matmul(weights.to(cache_values.dtype), cache_values)
+    scores += weights.sum(dim=2)
+    chosen = next_free(positions, scores, now, recent, cap)
+    free.copy_(chosen)
+    victims = positions.gather(-1, chosen[..., None]).squeeze(-1)
+    evicted.index_copy_(0, step, victims[None])
+    return output.reshape(batch, 1, group * kv_heads, dim)
+
+
+def next_free(positions: torch.Tensor, scores: torch.Tensor, now: torch.Tensor | None, recent: torch.Tensor,
+              cap: torch.Tensor) -> torch.Tensor:
+    """Per (row, head): an empty usable slot if there is one, else the lowest-scoring slot
+    outside the recent window (the next eviction). now (B, 1) or None (the newest position held);
+    recent (B,) the window; cap (B, 1, 1) the usable slots."""
+    valid = positions >= 0
+    newest = positions.amax(dim=-1, keepdim=True) if now is None else now[:, :, None]
+    in_window = valid & (positions > newest - recent[:, None, None])
+    slot_index = torch.arange(positions.shape[-1], device=positions.device)
+    unusable = slot_index[None, None, :] >= cap
+    priority = scores.masked_fill(in_window | unusable, float("inf")).masked_fill(~valid & ~unusable, float("-inf"))
+    return priority.argmin(dim=-1)
+
+
 class FastH2OPolicy(StaticPolicy):
     """H2O with in-place eviction in a budget + 1 slot cache; see the module docstring."""
 
@@ -123,7 +166,6 @@ class FastH2OPolicy(StaticPolicy):
         max_new = max(r.max_new_tokens for r in self.runner.requests)
         self.evicted = torch.full((max_new + 1, len(scored), batch_size, self.kv_heads), -1, dtype=torch.long,
                                   device=device)
-        self.slot_index = torch.arange(self.width, device=device)
         # Per-row budgets, filled in place for each batch: the captured graph reads these tensors.
         self.heavy = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.recent = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -220,36 +262,20 @@ class FastH2OPolicy(StaticPolicy):
     def _decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 scaling: float) -> torch.Tensor:
         positions, scores, free = self.books[layer]
-        cache_keys, cache_values = self.kv.keys[layer], self.kv.values[layer]
-        batch, kv_heads, _, dim = cache_keys.shape
-        now = self.runner.state.positions  # (B, 1): the position of the token this step feeds
-        slot = free[:, :, None]
-        cache_keys.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), keys)
-        cache_values.scatter_(2, slot[..., None].expand(batch, kv_heads, 1, dim), values)
-        positions.scatter_(-1, slot, now[:, :, None].expand(batch, kv_heads, 1))
-        scores.scatter_(-1, slot, 0.0)
-        group = query.shape[1] // kv_heads
-        grouped = (query * scaling).reshape(batch, kv_heads, group, dim)
-        logits = torch.matmul(grouped, cache_keys.transpose(-1, -2))
-        logits.masked_fill_((positions < 0)[:, :, None, :], torch.finfo(logits.dtype).min)
-        weights = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        output = torch.matmul(weights.to(cache_values.dtype), cache_values)
-        scores += weights.sum(dim=2)
-        chosen = self._next_free(positions, scores, now)
-        free.copy_(chosen)
-        victims = positions.gather(-1, chosen[..., None]).squeeze(-1)
-        self.evicted[:, self.scored.index(layer)].index_copy_(0, self.runner.state.step, victims[None])
-        return output.reshape(batch, 1, group * kv_heads, dim)
+        args = (query, keys, values, self.kv.keys[layer], self.kv.values[layer], positions, scores, free,
+                self.runner.state.positions, self.recent, self.cap, self.evicted[:, self.scored.index(layer)],
+                self.runner.state.step, scaling)
+        if query.is_cuda and _TRITON_DECODE["usable"]:
+            try:
+                return fused_decode(*args)
+            except Exception as exc:  # noqa: BLE001 - no Triton or no compiler here: the torch step
+                _TRITON_DECODE["usable"] = False
+                warnings.warn(f"h2o: the Triton decode kernels failed ({exc!r}); using the torch step",
+                              stacklevel=2)
+        return torch_decode(*args)
 
     def _next_free(self, positions: torch.Tensor, scores: torch.Tensor, now: torch.Tensor | None) -> torch.Tensor:
-        """Per (row, head): an empty usable slot if there is one, else the lowest-scoring slot
-        outside the recent window (the next eviction)."""
-        valid = positions >= 0
-        newest = positions.amax(dim=-1, keepdim=True) if now is None else now[:, :, None]
-        recent = valid & (positions > newest - self.recent[:, None, None])
-        unusable = self.slot_index[None, None, :] >= self.cap
-        priority = scores.masked_fill(recent | unusable, float("inf")).masked_fill(~valid & ~unusable, float("-inf"))
-        return priority.argmin(dim=-1)
+        return next_free(positions, scores, now, self.recent, self.cap)
 
     # --- the runner's hooks ---------------------------------------------------------------------
 

@@ -1,0 +1,75 @@
+"""H2O's fused decode kernels (the GPU path), run by Triton's interpreter on the CPU against the
+torch step that the CPU path uses: several steps of one layer with GQA, batch 2 with different
+caps and recent windows, a cache that starts partly empty."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import sys
+import torch
+from kvprof_h2o.fast import next_free, torch_decode
+from kvprof_h2o.decode_kernel import fused_decode
+
+def state(dtype, g):
+    B, Hq, Hkv, W, D = 2, 8, 2, 150, 16
+    cap = torch.tensor([W, 120]).view(B, 1, 1)
+    recent = torch.tensor([5, 3])
+    positions = torch.full((B, Hkv, W), -1)
+    scores = torch.zeros(B, Hkv, W)
+    for row, held in enumerate([W - 3, 100]):            # row 0 nearly full, row 1 far from its cap
+        for head in range(Hkv):
+            slots = torch.randperm(int(cap[row]), generator=g)[:held]
+            positions[row, head, slots] = torch.randperm(180, generator=g)[:held].sort().values
+            scores[row, head, slots] = torch.rand(held, generator=g) * 3
+    keys = torch.randn(B, Hkv, W, D, generator=g).to(dtype)
+    values = torch.randn(B, Hkv, W, D, generator=g).to(dtype)
+    now = torch.tensor([[200], [190]])
+    free = next_free(positions, scores, None, recent, cap)
+    evicted = torch.full((12, 3, B, Hkv), -1)
+    return dict(cache_keys=keys, cache_values=values, positions=positions, scores=scores, free=free, now=now,
+                recent=recent, cap=cap, evicted=evicted, step=torch.zeros(1, dtype=torch.long))
+
+def run(dtype, splits, steps):
+    g = torch.Generator().manual_seed(splits)
+    ref = state(dtype, g)
+    got = {k: v.clone() for k, v in ref.items()}
+    B, Hkv, W, D = ref["cache_keys"].shape
+    victims = 0
+    for step in range(steps):
+        q = torch.randn(B, 4 * Hkv, 1, D, generator=g).to(dtype) * 2
+        k, v = torch.randn(B, Hkv, 1, D, generator=g).to(dtype), torch.randn(B, Hkv, 1, D, generator=g).to(dtype)
+        outs = []
+        for s, fn in ((ref, torch_decode), (got, lambda *a: fused_decode(*a, splits=splits))):
+            outs.append(fn(q, k, v, s["cache_keys"], s["cache_values"], s["positions"], s["scores"], s["free"],
+                           s["now"], s["recent"], s["cap"], s["evicted"][:, 1], s["step"], 0.25))
+            s["now"] += 1
+            s["step"] += 1
+        expected, output = outs
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert output.dtype == expected.dtype and output.shape == expected.shape == (B, 1, 4 * Hkv, D)
+        assert torch.allclose(output.float(), expected.float(), atol=tol, rtol=tol), (output - expected).abs().max()
+        for name in ("cache_keys", "cache_values", "positions", "free", "evicted"):
+            assert torch.equal(ref[name], got[name]), (dtype, splits, step, name)
+        difference = (ref["scores"] - got["scores"]).abs().max()
+        assert torch.allclose(ref["scores"], got["scores"], atol=1e-5, rtol=1e-5), difference
+        victims += int((ref["evicted"][step, 1] >= 0).sum())
+    assert victims > 0 and (ref["evicted"][:steps, 1] == -1).any()   # some steps evict, some fill an empty slot
+    assert (ref["free"] >= ref["cap"][:, :, 0]).sum() == 0             # never a slot beyond the cap
+
+for dtype, splits in ((torch.float32, 1), (torch.float32, 2), (torch.float32, 3), (torch.bfloat16, 2)):
+    run(dtype, splits, 6)
+print("ok")
+"""
+
+
+def test_the_fused_decode_kernels_step_as_the_torch_path() -> None:
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
