@@ -5,6 +5,8 @@
 
 First a check on the device: the fast path evicts exactly what the eager path evicts on a fixed
 input (1024-token synthetic prompts, batch 2, 8 new tokens), compared per (request, step, layer).
+Then one layer's prefill mass and one layer's decode step at Llama-3-8B's shapes, the torch path
+against the Triton kernels (and, for the decode step, the victims of both compared over 16 steps).
 Then per batch size (1 and 16): `full` and `h2o` (heavy 0.1 + recent 0.1), each after a warm-up
 run, 32 new tokens: TTFT, ITL median and p99, device KV, and the profiler's own cost; `h2o` once
 more at `--detail head` (batch 16) for the cost at the finest detail; the eager `h2o` at batch 1.
@@ -58,6 +60,139 @@ def time_prefill_mass(device: str, batch: int, prompt_len: int, repeats: int = 3
         out[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
     out["max_rel_diff"] = float((results["torch_ms"] - results["triton_ms"]).abs().max() / results["torch_ms"].max())
     return out
+
+
+def decode_layer_state(device: str, batch: int, width: int, generator: torch.Generator, q_heads: int = 32,
+                       kv_heads: int = 8, dim: int = 128, dtype: torch.dtype = torch.bfloat16,
+                       prompt_len: int = 8192) -> dict[str, Any]:
+    """One budgeted layer's decode state as after H2O's prefill of `prompt_len` tokens: width - 1
+    slots hold half heavy hitters (random older positions, random scores) and half the recent
+    window, in shuffled slots; the last slot is free."""
+    from kvprof_h2o.fast import next_free
+
+    kept = width - 1
+    recent = kept // 2
+    options = {"device": device, "generator": generator}
+    older = torch.rand(batch, kv_heads, prompt_len - recent, **options).argsort(-1)[..., :kept - recent]
+    held = torch.cat([older.sort(-1).values,
+                      torch.arange(prompt_len - recent, prompt_len, device=device).expand(batch, kv_heads, recent)], -1)
+    positions = torch.full((batch, kv_heads, width), -1, dtype=torch.long, device=device)
+    positions.scatter_(-1, torch.rand(batch, kv_heads, kept, **options).argsort(-1), held)
+    scores = torch.rand(batch, kv_heads, width, **options) * (positions >= 0)
+    state = {"cache_keys": torch.randn(batch, kv_heads, width, dim, **options).to(dtype),
+             "cache_values": torch.randn(batch, kv_heads, width, dim, **options).to(dtype),
+             "positions": positions, "scores": scores, "now": torch.full((batch, 1), prompt_len, device=device),
+             "recent": torch.full((batch,), recent, device=device),
+             "cap": torch.full((batch, 1, 1), width, device=device),
+             "evicted": torch.full((64, batch, kv_heads), -1, dtype=torch.long, device=device),
+             "step": torch.zeros(1, dtype=torch.long, device=device)}
+    state["free"] = next_free(state["positions"], state["scores"], None, state["recent"], state["cap"])
+    return state
+
+
+def decode_layer_inputs(state: dict[str, Any], q_heads: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A step's query (B, Hq, 1, D) and new key and value (B, Hkv, 1, D), on the state's device."""
+    batch, kv_heads, _, dim = state["cache_keys"].shape
+    options = {"device": state["cache_keys"].device, "generator": generator}
+    query = torch.randn(batch, q_heads, 1, dim, **options) * 2
+    keys, values = (torch.randn(batch, kv_heads, 1, dim, **options) for _ in range(2))
+    return tuple(t.to(state["cache_keys"].dtype) for t in (query, keys, values))
+
+
+def decode_layer_step(path: str, state: dict[str, Any], inputs: tuple[torch.Tensor, ...],
+                      splits: int | None = None) -> torch.Tensor:
+    """One layer's decode step by `path` ("torch" or "kernel") on `state`, in place."""
+    from kvprof_h2o.decode_kernel import fused_decode
+    from kvprof_h2o.fast import torch_decode
+
+    args = (*inputs, state["cache_keys"], state["cache_values"], state["positions"], state["scores"], state["free"],
+            state["now"], state["recent"], state["cap"], state["evicted"], state["step"], 0.088)
+    return torch_decode(*args) if path == "torch" else fused_decode(*args, splits=splits)
+
+
+def compare_decode_paths(device: str, batch: int, width: int, steps: int = 16, q_heads: int = 32,
+                         **shape: Any) -> dict[str, Any]:
+    """The torch step and the kernels from the same state over `steps` steps: how many victims
+    (step, row, KV head) differ, whether the free slots and positions end equal, and the largest
+    differences of output and scores."""
+    generator = torch.Generator(device).manual_seed(batch)
+    reference = decode_layer_state(device, batch, width, generator, q_heads=q_heads, **shape)
+    fused = {name: tensor.clone() for name, tensor in reference.items()}
+    output_diff = 0.0
+    for _ in range(steps):
+        inputs = decode_layer_inputs(reference, q_heads, generator)
+        expected, got = (decode_layer_step(path, state, inputs) for path, state in (("torch", reference),
+                                                                                   ("kernel", fused)))
+        output_diff = max(output_diff, float((expected.float() - got.float()).abs().max()))
+        for state in (reference, fused):
+            state["now"] += 1
+            state["step"] += 1
+    victims = reference["evicted"][:steps]
+    return {"steps": steps, "victims": int((victims >= 0).sum()),
+            "differing_victims": int((victims != fused["evicted"][:steps]).sum()),
+            "free_equal": bool(torch.equal(reference["free"], fused["free"])),
+            "positions_equal": bool(torch.equal(reference["positions"], fused["positions"])),
+            "max_output_diff": output_diff,
+            "max_score_diff": float((reference["scores"] - fused["scores"]).abs().max())}
+
+
+def time_decode_layer(device: str, batch: int, width: int = 1640, layers: int = 32, repeats: int = 5,
+                      sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 26)) -> dict[str, Any]:
+    """One budgeted layer's decode step at Llama-3-8B's shapes (Hq 32, Hkv 8, D 128, bf16, `width`
+    slots): the torch step against the kernels (at the default split and at each of `sweep`),
+    each captured in a CUDA graph over `layers` separate layers' states (so the KV of one layer is
+    not still in L2 for the next), timed with CUDA events: the median over `repeats` replays, per
+    layer. Then the equality check of `compare_decode_paths`."""
+    from kvprof_h2o.decode_kernel import default_splits
+
+    if device != "cuda":
+        return {}
+    generator = torch.Generator(device).manual_seed(0)
+    states = [decode_layer_state(device, batch, width, generator) for _ in range(layers)]
+    inputs = [decode_layer_inputs(state, 32, generator) for state in states]
+    splits = default_splits(batch * 8, width, torch.device(device))
+    out: dict[str, Any] = {"batch_size": batch, "width": width, "default_splits": splits}
+    plans = [("torch_ms", "torch", None), ("kernel_ms", "kernel", None)]
+    plans += [(f"kernel_ms_splits_{n}", "kernel", n) for n in sweep]
+    for name, path, n in plans:
+        def every_layer(path: str = path, n: int | None = n) -> None:
+            for state, step_inputs in zip(states, inputs):
+                decode_layer_step(path, state, step_inputs, n)
+        out[name] = round(_graph_layer_ms(every_layer, layers, repeats), 4)
+    out["speedup"] = round(out["torch_ms"] / out["kernel_ms"], 2)
+    out["check"] = compare_decode_paths(device, batch, width)
+    return out
+
+
+def _or_error(measure: Any, *args: Any) -> dict[str, Any]:
+    """A micro-benchmark's figures, or the error that stopped it (the end-to-end runs still run)."""
+    try:
+        return measure(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        return {"error": repr(exc)}
+
+
+def _graph_layer_ms(body: Any, layers: int, repeats: int) -> float:
+    """Milliseconds per layer of `body` (all layers' steps) captured once and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the graph
+        body()
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / layers)
+    return sorted(times)[len(times) // 2]
 
 
 def evictions(path: Path) -> dict[tuple, list[list[int]]]:
@@ -115,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures["check"]), flush=True)
     figures["prefill_mass"] = [time_prefill_mass(device, batch, prompt_len) for batch in (1, 16)]
     print(json.dumps(figures["prefill_mass"]), flush=True)
+    figures["decode_layer"] = [_or_error(time_decode_layer, device, batch) for batch in (1, 16)]
+    print(json.dumps(figures["decode_layer"]), flush=True)
     rows = figures["runs"] = []
     for batch in map(int, args.batches.split(",")):
         plan = [("full", {}, "layer"), ("h2o", {}, "layer"), ("h2o", {}, "step")]
@@ -131,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(figures: dict[str, Any]) -> None:
     print(f"\n{figures['device']}  {figures['model']} ({figures['weights']}), prompt {figures['prompt_len']}, "
           f"{figures['output_len']} new tokens; check: {figures['check']}")
+    for d in figures.get("decode_layer", []):
+        if "kernel_ms" in d:
+            print(f"decode layer b{d['batch_size']}: torch {d['torch_ms']:.4f} ms, kernels {d['kernel_ms']:.4f} ms "
+                  f"({d['default_splits']} splits; {d['speedup']}x); check {d['check']}")
+        elif d:
+            print(f"decode layer: {d}")
     full = {r["batch_size"]: r for r in figures["runs"] if r["strategy"] == "full"}
     for r in figures["runs"]:
         base = full[r["batch_size"]]
