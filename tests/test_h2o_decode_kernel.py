@@ -1,6 +1,7 @@
 """H2O's fused decode kernels (the GPU path), run by Triton's interpreter on the CPU against the
 torch step that the CPU path uses: several steps of one layer with GQA, batch 2 with different
-caps and recent windows, a cache that starts partly empty."""
+caps and recent windows, a cache that starts partly empty; the slots in 1 to 3 chunks and the
+finish kernel over one block of slots or several."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ SCRIPT = """
 import sys
 import torch
 from kvprof_h2o.fast import next_free, torch_decode
+from kvprof_h2o import decode_kernel
 from kvprof_h2o.decode_kernel import fused_decode
 
 def state(dtype, g):
@@ -22,7 +24,7 @@ def state(dtype, g):
     recent = torch.tensor([5, 3])
     positions = torch.full((B, Hkv, W), -1)
     scores = torch.zeros(B, Hkv, W)
-    for row, held in enumerate([W - 3, 100]):            # row 0 nearly full, row 1 far from its cap
+    for row, held in enumerate([W - 3, 117]):     # both fill up after 3 steps; empty slots past row 1's cap stay empty
         for head in range(Hkv):
             slots = torch.randperm(int(cap[row]), generator=g)[:held]
             positions[row, head, slots] = torch.randperm(180, generator=g)[:held].sort().values
@@ -62,7 +64,9 @@ def run(dtype, splits, steps):
     assert victims > 0 and (ref["evicted"][:steps, 1] == -1).any()   # some steps evict, some fill an empty slot
     assert (ref["free"] >= ref["cap"][:, :, 0]).sum() == 0             # never a slot beyond the cap
 
-for dtype, splits in ((torch.float32, 1), (torch.float32, 2), (torch.float32, 3), (torch.bfloat16, 2)):
+for dtype, splits, finish_block in ((torch.float32, 1, 2048), (torch.float32, 2, 64), (torch.float32, 3, 2048),
+                                   (torch.bfloat16, 2, 2048)):
+    decode_kernel.MAX_BLOCK_W = finish_block         # 64: the finish kernel walks the slots in 3 blocks
     run(dtype, splits, 6)
 print("ok")
 """

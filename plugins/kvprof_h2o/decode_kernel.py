@@ -35,7 +35,7 @@ import torch
 
 _KERNELS: dict[str, Any] = {}
 BLOCK_N = 64      # slots per block in the attend kernel
-BLOCK_W = 256     # slots per block in the finish kernel
+MAX_BLOCK_W = 2048  # slots per block in the finish kernel (one block at an 8K prompt's 20 % budget)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -105,8 +105,9 @@ def fused_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     _KERNELS["finish"][(rows_heads,)](
         logits, maxima, sums, partial, output, positions, scores, free, now, recent, cap, evicted, step,
         evicted.stride(0), width, KV_HEADS=kv_heads, GROUP=group, DIM=dim, PAD_GROUP=pad_group,
-        GROUP_P=triton.next_power_of_2(group), BLOCK_D=block_d, BLOCK_W=BLOCK_W, SPLITS=splits,
-        SPLITS_P=triton.next_power_of_2(splits))
+        GROUP_P=triton.next_power_of_2(group), BLOCK_D=block_d,
+        BLOCK_W=min(MAX_BLOCK_W, triton.next_power_of_2(width)), SPLITS=splits,
+        SPLITS_P=triton.next_power_of_2(splits), num_warps=8)
     return output
 
 
@@ -180,9 +181,10 @@ def _define_kernels() -> None:
                 acc = acc * rescale[:, None] + tl.dot(p_model, v)
             best = new_best
         slot = row_head * SPLITS + split
-        tl.store(max_ptr + slot * PAD_GROUP + g, best)
-        tl.store(sum_ptr + slot * PAD_GROUP + g, total)
-        tl.store(partial_ptr + (slot * PAD_GROUP + g)[:, None] * BLOCK_D + d[None, :], acc)
+        real = g < GROUP  # the padding rows of the group are not stored (nor read)
+        tl.store(max_ptr + slot * PAD_GROUP + g, best, mask=real)
+        tl.store(sum_ptr + slot * PAD_GROUP + g, total, mask=real)
+        tl.store(partial_ptr + (slot * PAD_GROUP + g)[:, None] * BLOCK_D + d[None, :], acc, mask=real[:, None])
 
     @triton.jit
     def finish_kernel(logits_ptr, max_ptr, sum_ptr, partial_ptr, out_ptr, pos_ptr, scores_ptr, free_ptr, now_ptr,
