@@ -77,3 +77,52 @@ def test_the_fused_decode_kernels_step_as_the_torch_path() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+RUN_SCRIPT = """
+import dataclasses, random, sys, tempfile
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from transformers_runs import run_policy
+from kvprof import Request
+from kvprof.models import resolve_model
+from kvprof.strategy import parse_options
+from kvprof_h2o import decode_kernel, fast
+from kvprof_h2o.plugin import H2OStrategy
+from kvprof_transformers.loading import load_model
+
+spec = resolve_model("tiny-llama", "random")
+spec = dataclasses.replace(spec, config={**spec.config, "initializer_range": 0.15})  # uneven attention
+torch.manual_seed(0)
+loaded = load_model(spec, "cpu", "float32")
+rng = random.Random(0)
+prompts = [[rng.randrange(256, 49152) for _ in range(n)] for n in (40, 29)]
+requests = [Request(f"req-{i}", p, max_new_tokens=7, ignore_eos=True) for i, p in enumerate(prompts)]
+found = []
+for kernels in (False, True):
+    fast._TRITON_DECODE["cpu"] = kernels
+    policy = H2OStrategy().make_policy(loaded, parse_options(H2OStrategy.options, {"heavy_ratio": "0.2",
+                                                                                  "recent_ratio": "0.1"}))
+    path = Path(tempfile.mkdtemp()) / "h2o.arrow"
+    outputs, trace = run_policy(loaded, policy, requests, path)
+    rows = trace.of_kind("evict").to_pylist()
+    found.append((outputs, sorted((r["request_id"], r["step"] if r["step"] is not None else -1, r["layer"],
+                                   r["positions"]) for r in rows)))
+assert decode_kernel._KERNELS and fast._TRITON_DECODE["usable"]   # the kernels ran, no fallback to torch
+(torch_outputs, torch_evictions), (kernel_outputs, kernel_evictions) = found
+assert kernel_outputs == torch_outputs
+assert kernel_evictions == torch_evictions
+assert sum(1 for _, step, *_ in torch_evictions if step >= 0) >= 10   # decode steps evicted
+print("ok")
+"""
+
+
+def test_a_run_with_the_decode_kernels_evicts_what_the_torch_step_evicts() -> None:
+    """The fast engine's h2o on tiny-llama (GQA, batch 2 of different lengths, 7 new tokens) with
+    the decode kernels (in the interpreter) and with the torch step: the same tokens generated
+    and the same evict events."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", RUN_SCRIPT, os.path.dirname(__file__)],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]

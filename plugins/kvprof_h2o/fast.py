@@ -43,7 +43,8 @@ from kvprof_transformers.runner import Batch, KVBytes, StaticPolicy
 from kvprof_transformers.static_cache import prefill_attention
 
 _TRITON_MASS = {"usable": True}
-_TRITON_DECODE = {"usable": True}
+# The decode kernels run on CUDA tensors; "cpu": on CPU ones too (under Triton's interpreter: the tests).
+_TRITON_DECODE = {"usable": True, "cpu": False}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
@@ -265,7 +266,7 @@ class FastH2OPolicy(StaticPolicy):
         args = (query, keys, values, self.kv.keys[layer], self.kv.values[layer], positions, scores, free,
                 self.runner.state.positions, self.recent, self.cap, self.evicted[:, self.scored.index(layer)],
                 self.runner.state.step, scaling)
-        if query.is_cuda and _TRITON_DECODE["usable"]:
+        if (query.is_cuda or _TRITON_DECODE["cpu"]) and _TRITON_DECODE["usable"]:
             try:
                 return fused_decode(*args)
             except Exception as exc:  # noqa: BLE001 - no Triton or no compiler here: the torch step
