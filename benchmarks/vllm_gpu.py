@@ -152,8 +152,28 @@ def timed(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
     return outputs, time.perf_counter() - start
 
 
-def measure_batch(bench: Bench, args: argparse.Namespace, batch: int) -> dict[str, Any]:
-    """Warm-up round, then `repeats` rounds of plain and kvprof on new prompts."""
+def run_round(bench: Bench, params: WorkloadParams, trace_path: Path, plain: bool = True) -> dict[str, Any]:
+    """One round on new prompts: plain vLLM (unless `plain` is False), then vLLM with kvprof writing
+    `trace_path`; each engine's figures, and whether both generated the same tokens."""
+    requests = bench.requests(params)
+    figures: dict[str, Any] = {}
+    if plain:
+        plain_outputs, plain_s = bench.run_plain(requests)
+        figures["plain"] = {**vllm_request_figures(plain_outputs),
+                            "tokens_per_s": generated_tokens(plain_outputs) / plain_s}
+    kvprof_outputs, kvprof_s = bench.run_kvprof(params, requests, trace_path)
+    figures["kvprof"] = {**vllm_request_figures(kvprof_outputs), **kvprof_trace_figures(trace_path, kvprof_outputs),
+                         "tokens_per_s": generated_tokens(kvprof_outputs) / kvprof_s}
+    if plain:
+        figures["same_tokens"] = all(list(plain_outputs[rid].outputs[0].token_ids) == list(out.outputs[0].token_ids)
+                                     for rid, out in kvprof_outputs.items())
+    return figures
+
+
+def measure_batch(bench: Bench, args: argparse.Namespace, batch: int,
+                  keep_going: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
+    """Warm-up round, then `repeats` rounds of plain and kvprof on new prompts (fewer when
+    `keep_going` turns False before a round; None when no round ran)."""
     def params(seed: int) -> WorkloadParams:
         return WorkloadParams(prompt_len=args.prompt_len, output_len=args.output_len, num_prompts=batch,
                               batch_size=batch, seed=seed)
@@ -163,20 +183,13 @@ def measure_batch(bench: Bench, args: argparse.Namespace, batch: int) -> dict[st
     bench.run_kvprof(warm, bench.requests(warm), bench.folder / f"vllm-b{batch}-warm-up.arrow")
     rounds = []
     for round_index in range(args.repeats):
+        if not keep_going():
+            break
         trace_path = bench.folder / f"vllm-b{batch}-r{round_index}.arrow"
-        round_params = params(batch * 1000 + round_index)
-        requests = bench.requests(round_params)
-        plain_outputs, plain_s = bench.run_plain(requests)
-        kvprof_outputs, kvprof_s = bench.run_kvprof(round_params, requests, trace_path)
-        same = all(list(plain_outputs[rid].outputs[0].token_ids) == list(out.outputs[0].token_ids)
-                   for rid, out in kvprof_outputs.items())
-        rounds.append({
-            "plain": {**vllm_request_figures(plain_outputs), "tokens_per_s": generated_tokens(plain_outputs) / plain_s},
-            "kvprof": {**vllm_request_figures(kvprof_outputs), **kvprof_trace_figures(trace_path, kvprof_outputs),
-                       "tokens_per_s": generated_tokens(kvprof_outputs) / kvprof_s},
-            "same_tokens": same,
-        })
+        rounds.append(run_round(bench, params(batch * 1000 + round_index), trace_path))
         print(json.dumps({"batch_size": batch, "round": round_index, **rounds[-1]}), flush=True)
+    if not rounds:
+        return None
     return summarize_batch(bench, args, batch, rounds, trace_path)
 
 
@@ -268,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"engines_ready_s": figures["engines_ready_s"], "engine": figures["engine"]}), flush=True)
         bench = Bench(model, options, plain, observed, Path(folder))
         for batch in batches:
-            figures["batches"].append(measure_batch(bench, args, batch))
+            row = measure_batch(bench, args, batch)
+            assert row is not None  # every round runs without a deadline
+            figures["batches"].append(row)
             shutil.copy(Path(folder) / figures["batches"][-1]["trace"], args.out_dir)
             out_json.write_text(json.dumps(figures, indent=2) + "\n")
             print_row(figures["batches"][-1])

@@ -5,6 +5,7 @@
 #
 #     benchmarks/vllm_h200/install.sh .vllm-h200/part-1.tar [more parts]   # idempotent
 #     benchmarks/vllm_h200/install.sh --check     # all parts there? vLLM, kvprof and the GPU import?
+#     benchmarks/vllm_h200/install.sh --parts     # all parts there? (no imports; after a --check call)
 #
 # VLLM_SITE (default /tmp/vllm-site) is the site folder, KVPROF_CACHE (default /tmp/kvprof-cache)
 # gets the embedded checkpoint's tokenizer. Use them with benchmarks/vllm_h200/env.sh.
@@ -42,7 +43,8 @@ install_part() {
     echo "install: $(basename "$part") done ($(du -sh "$VLLM_SITE" | cut -f1) in $VLLM_SITE)"
 }
 
-check() {
+# Every staged part unpacked on this machine (no imports: a few milliseconds).
+check_parts() {
     if [ ! -f "$DONE/parts.txt" ]; then
         echo "install: nothing installed in $VLLM_SITE (a fresh machine? start again from part 1)"; return 1
     fi
@@ -51,6 +53,10 @@ check() {
     if [ ${#missing[@]} -gt 0 ]; then
         echo "install: missing ${missing[*]} (the machine went back between calls, or a call was skipped)"; return 1
     fi
+}
+
+check() {
+    check_parts
     # kvprof's plugins register through entry points, so kvprof is installed (editable, no deps).
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO"
     python3 - <<'EOF'
@@ -83,5 +89,9 @@ if [ "${1:-}" = "--check" ]; then
     check
     exit
 fi
-[ $# -gt 0 ] || { echo "usage: $0 PART.tar... | --check" >&2; exit 2; }
+if [ "${1:-}" = "--parts" ]; then
+    check_parts
+    exit
+fi
+[ $# -gt 0 ] || { echo "usage: $0 PART.tar... | --check | --parts" >&2; exit 2; }
 for part in "$@"; do install_part "$part"; done
