@@ -211,8 +211,12 @@ def test_the_triton_row_gather_in_the_interpreter(tmp_path: Path) -> None:
 
 
 def test_the_fused_selection_kernels_in_the_interpreter() -> None:
-    """select_fused (the GPU's two Triton kernels: scores, then count rule, threshold and
-    compaction), run by Triton's interpreter on the CPU, selects what select_tokens selects."""
+    """select_fused (the GPU's Triton kernels: scores, then count rule, radix-select threshold and
+    compaction), run by Triton's interpreter on the CPU, selects what select_within_cap selects
+    (and select_tokens, where no scores tie), and so does the bisection it replaced: at one load per row and at
+    several (a 64-slot load), with many exact ties (integer scores), NaN and inf in the keys of
+    slots not held yet, NaN in the scratch and junk in the counts before the call, count 0,
+    count = held and a cap below the count (the bisection: at ties and count 0)."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -222,21 +226,46 @@ def test_the_fused_selection_kernels_in_the_interpreter() -> None:
         "import torch\n"
         "from kvprof_infinigen import selection as sel\n"
         "sel._define_selection_kernels()\n"
-        "for trial in range(6):\n"
+        "def case(trial, slots, held, cap, alpha, group, ties, load, bisection_too=False):\n"
         "    g = torch.Generator().manual_seed(trial)\n"
-        "    cap, held, alpha = [50, 7, 300][trial % 3], 200 + 9 * trial, [1.0, 5.0, 1e9][trial % 3]\n"
-        "    q, k = torch.randn(2, 3, 4, 25, generator=g), torch.randn(2, 3, 300, 25, generator=g)\n"
-        "    scores = torch.einsum('bkgc,bksc->bkgs', q, k) * 0.3\n"
+        "    sel.SELECT_BLOCK = load\n"
+        "    q, k = torch.randn(2, 3, group, 25, generator=g), torch.randn(2, 3, slots, 25, generator=g)\n"
+        "    if ties:  # small integers, scaling 1/4: exact scores, many equal\n"
+        "        q, k = q.mul(1.5).round(), k.mul(0.7).round()\n"
+        "    scaling = 0.25 if ties else 0.3\n"
+        "    scores = torch.einsum('bkgc,bksc->bkgs', q, k) * scaling\n"
+        "    k[:, :, held:] = float('nan')\n"
+        "    k[:, :, held::3] = float('-inf')\n"
         "    ref, n = sel.select_tokens(scores[..., :held], alpha, cap)\n"
-        "    pos, count = torch.zeros(2, 3, cap, dtype=torch.long), torch.zeros(1, dtype=torch.long)\n"
-        "    sel.select_fused(q, k, 0.3, alpha, cap, torch.tensor([held]), torch.empty(6, 300),\n"
-        "                     torch.empty(6, dtype=torch.int32), pos, count)\n"
-        "    assert int(count) == int(n) > 0, (int(count), int(n))\n"
-        "    assert torch.equal(pos[..., :int(n)], ref[..., :int(n)]), trial\n"
-        "print('ok')\n")
+        "    scores[..., held:] = float('-inf')\n"
+        "    within, within_n = sel.select_within_cap(scores, alpha, cap, torch.tensor([held]))\n"
+        "    assert int(within_n) == int(n)\n"
+        "    n = int(n)\n"
+        "    if not ties:  # (select_tokens keeps ties at the threshold in topk's order, not the earliest)\n"
+        "        assert torch.equal(within[..., :n], ref[..., :n]), trial\n"
+        "    for bisection in (False, True) if bisection_too else (False,):\n"
+        "        pos, count = torch.full((2, 3, cap), -7), torch.full((1,), -7)\n"
+        "        sel.select_fused(q, k, scaling, alpha, cap, torch.tensor([held]), torch.full((6, slots), float('nan')),\n"
+        "                         torch.full((6,), 12345, dtype=torch.int32), pos, count, bisection=bisection)\n"
+        "        assert int(count) == n, (trial, bisection, int(count), n)\n"
+        "        assert torch.equal(pos[..., :n], within[..., :n]), trial\n"
+        "        assert (pos[..., n:] == -7).all(), trial\n"
+        "    return n\n"
+        "counts = [\n"
+        "    case(0, 300, 209, 50, 1.0, 4, False, 8192),\n"
+        "    case(1, 300, 218, 7, 5.0, 4, False, 64),     # cap below the count\n"
+        "    case(2, 300, 227, 300, 1e9, 4, False, 64),   # count = held: every held slot\n"
+        "    case(3, 200, 200, 120, 2.0, 4, True, 8192, bisection_too=True),  # ties, every slot held\n"
+        "    case(4, 333, 301, 90, 3.0, 1, True, 64),     # ties, one query head per KV head\n"
+        "    case(5, 300, 250, 60, 1e9, 2, True, 64),     # ties, the cap decides\n"
+        "    case(6, 130, 100, 30, 0.0, 4, False, 64, bisection_too=True),  # count 0: nothing above max - 0\n"
+        "]\n"
+        "assert counts[1] == 7 and counts[2] == 227 and counts[5] == 60 and counts[6] == 0, counts\n"
+        "assert 0 < counts[3] < 120 and 0 < counts[4] < 90, counts\n"
+        "print('ok', counts)\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
                           capture_output=True, text=True, timeout=600)
-    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+    assert done.stdout.strip().startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

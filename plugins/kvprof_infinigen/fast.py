@@ -82,7 +82,7 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
                 self.skew, self.skew_data, self.partial_width, range(FULL_LAYERS, self.num_layers))
         self.speculated = list(range(FULL_LAYERS, self.num_layers))
         self.partial_skew: torch.Tensor | None = None
-        self.fused = fused_selection_available(device)  # GPU: scores and selection in two Triton kernels
+        self.fused = fused_selection_available(device)  # GPU: scores and selection in three Triton kernels
 
     def cap_for(self, slots: int) -> int:
         settings = self.settings
@@ -228,7 +228,7 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
             self._fetched[target] = _record(self.copy_stream)
 
     def _select_fused(self, target: int, query: torch.Tensor, parity: int) -> None:
-        """`speculative_scores` + `select_within_cap` as two Triton kernels; a kernel that cannot
+        """`speculative_scores` + `select_within_cap` as three Triton kernels; a kernel that cannot
         be built here (first launch: the eager warm-up before capture) turns this off for good."""
         batch, query_heads, dim = query.shape
         grouped = query.view(batch, self.kv_heads, query_heads // self.kv_heads, dim)

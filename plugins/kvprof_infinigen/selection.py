@@ -119,7 +119,7 @@ def fused_selection_available(device: torch.device) -> bool:
 
 def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scaling: float, alpha: float, cap: int,
                  held: torch.Tensor, scratch: torch.Tensor, row_counts: torch.Tensor, positions: torch.Tensor,
-                 count: torch.Tensor) -> None:
+                 count: torch.Tensor, bisection: bool = False) -> None:
     """`speculative_scores` then `select_within_cap`, in three kernels, into `positions`
     ``[batch, kv_heads, cap]`` and `count` (1,) (int64, preallocated; graph-safe, no host value).
 
@@ -130,9 +130,14 @@ def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scalin
     model's dtype as a matmul in that dtype would, then scaled) and each query head's maximum in
     the block; then, from the blocks' maxima, the best relative score over the group per slot
     (into `scratch` ``[batch*kv_heads, slots]`` float32) and the count above -alpha, added to
-    `row_counts` (int32). Kernel 3, per row: the count rule, then the count-th largest score by
-    bisection on the scores' order-preserving integer keys (the row held at once up to 8K
-    slots), then a prefix-sum compaction in slot order (ties at the threshold: the earliest slots).
+    `row_counts` (int32, zeroed by kernel 1). Kernel 3, per row: the count rule, then the
+    count-th largest score by a radix select on the scores' order-preserving 32-bit keys (four
+    passes over the row, one per byte from the top, each a 256-bin histogram of that byte over
+    the keys that start with the bytes found so far), then a prefix-sum compaction in slot order
+    (ties at the threshold: the earliest slots); up to 8K slots per load.
+
+    bisection: kernel 3 finds the threshold by the 32-round bisection it used before (34 passes
+    over the row), the baseline of benchmarks/infinigen_gpu.py; it selects the same.
     """
     import triton
 
@@ -143,20 +148,19 @@ def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scalin
     shapes = dict(GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
                   WIDTH_P=max(16, triton.next_power_of_2(width)), BLOCK=SCORE_BLOCK)
     block_best = _block_best(rows, blocks, shapes["GROUP_P"], partial_keys.device)
-    row_counts.zero_()
-    _KERNELS["block_max"][(rows, blocks)](partial_query, partial_keys, held, block_best, slots, float(scaling),
-                                          BLOCKS=blocks, **shapes, num_warps=4)
+    _KERNELS["block_max"][(rows, blocks)](partial_query, partial_keys, held, block_best, row_counts, slots,
+                                          float(scaling), BLOCKS=blocks, **shapes, num_warps=4)
     _KERNELS["score"][(rows, blocks)](partial_query, partial_keys, held, block_best, scratch, row_counts, slots,
                                       float(scaling), float(alpha), BLOCKS=blocks,
                                       BLOCKS_P=triton.next_power_of_2(blocks), **shapes, num_warps=4)
     select_block = min(triton.next_power_of_2(slots), SELECT_BLOCK)
-    _KERNELS["select"][(rows,)](
+    _KERNELS["bisection_select" if bisection else "select"][(rows,)](
         scratch, row_counts, held, positions, count, rows, slots, cap,
         ROWS_P=triton.next_power_of_2(rows), BLOCK=select_block, num_warps=16 if select_block >= 4096 else 4)
 
 
 SCORE_BLOCK = 128     # slots per program of the score kernels: (rows x slots / 128) programs
-SELECT_BLOCK = 8192   # slots the select kernel holds at once: up to 8K slots, one load per bisection round
+SELECT_BLOCK = 8192   # slots the select kernel loads at once: up to 8K slots, one load per pass
 
 
 def _block_best(rows: int, blocks: int, group_p: int, device: torch.device) -> torch.Tensor:
@@ -171,4 +175,5 @@ def _block_best(rows: int, blocks: int, group_p: int, device: torch.device) -> t
 def _define_selection_kernels() -> None:
     from kvprof_infinigen import selection_kernels as k  # imports Triton: only when a GPU asks
 
-    _KERNELS.update(block_max=k.block_max_kernel, score=k.score_kernel, select=k.select_kernel)
+    _KERNELS.update(block_max=k.block_max_kernel, score=k.score_kernel, select=k.radix_select_kernel,
+                    bisection_select=k.bisection_select_kernel)

@@ -1,6 +1,8 @@
 """The Triton kernels of `selection.select_fused` (imported only when they are first needed).
 
 See `select_fused` for what each computes; `selection.select_within_cap` is the same rule in torch.
+`bisection_select_kernel` is the select kernel `radix_select_kernel` replaced (34 passes over a
+row instead of 5), kept as the baseline of benchmarks/infinigen_gpu.py.
 """
 
 import triton
@@ -21,7 +23,7 @@ def _scores(pq, pk, row, s, held, c, g, scaling, GROUP: tl.constexpr, WIDTH: tl.
 
 
 @triton.jit
-def block_max_kernel(pq, pk, held_ptr, block_best, slots, scaling, BLOCKS: tl.constexpr,
+def block_max_kernel(pq, pk, held_ptr, block_best, row_counts, slots, scaling, BLOCKS: tl.constexpr,
                      GROUP: tl.constexpr, WIDTH: tl.constexpr, GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr,
                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -31,6 +33,8 @@ def block_max_kernel(pq, pk, held_ptr, block_best, slots, scaling, BLOCKS: tl.co
     scores = _scores(pq, pk + row * slots * WIDTH, row, s, tl.load(held_ptr), tl.arange(0, WIDTH_P), g,
                      scaling, GROUP, WIDTH)
     tl.store(block_best + (row * BLOCKS + block) * GROUP_P + g, tl.max(scores, axis=1))
+    if block == 0:
+        tl.store(row_counts + row, 0)  # score_kernel adds to it (here rather than a memset launch)
 
 
 @triton.jit
@@ -54,48 +58,90 @@ def score_kernel(pq, pk, held_ptr, block_best, scratch, row_counts, slots, scali
 
 
 @triton.jit
-def select_kernel(scratch, row_counts, held_ptr, positions, count_ptr, rows, slots, cap,
-                  ROWS_P: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _count(row_counts, held_ptr, count_ptr, row, rows, cap, ROWS_P: tl.constexpr):
+    """The count rule: min(floor(mean of the rows' counts), held, cap); row 0 stores it."""
     r = tl.arange(0, ROWS_P)
     total = tl.sum(tl.load(row_counts + r, mask=r < rows, other=0).to(tl.int64), axis=0)
-    held = tl.load(held_ptr)
-    count = tl.minimum(total // rows, tl.minimum(held, cap))
+    count = tl.minimum(total // rows, tl.minimum(tl.load(held_ptr), cap))
     if row == 0:
         tl.store(count_ptr, count)
+    return count
+
+
+@triton.jit
+def _keys(scores, s, slots):
+    """Slots `s`' scores as int64 keys in [0, 2**32) in the scores' order: the float's bits, with
+    a negative's magnitude bits flipped, as a signed int32, then shifted up by 2**31."""
+    bits = tl.load(scores + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _compact(scores, positions, row, slots, cap, threshold, ties_wanted, BLOCK: tl.constexpr):
+    """Stores, in slot order, the slots whose key is above `threshold` and the first
+    `ties_wanted` equal to it (a prefix sum per block of slots)."""
+    kept = tl.zeros([], tl.int64)
+    ties = tl.zeros([], tl.int64)
+    for start in range(0, slots, BLOCK):
+        s = start + tl.arange(0, BLOCK)
+        key = _keys(scores, s, slots)
+        inside = s < slots
+        tie = (key == threshold) & inside
+        tie_rank = ties + tl.cumsum(tie.to(tl.int64), axis=0)
+        keep = ((key > threshold) & inside) | (tie & (tie_rank <= ties_wanted))
+        rank = kept + tl.cumsum(keep.to(tl.int64), axis=0) - 1
+        tl.store(positions + row * cap + rank, s.to(tl.int64), mask=keep & (rank < cap))
+        kept += tl.sum(keep.to(tl.int64), axis=0)
+        ties += tl.sum(tie.to(tl.int64), axis=0)
+
+
+@triton.jit
+def radix_select_kernel(scratch, row_counts, held_ptr, positions, count_ptr, rows, slots, cap,
+                        ROWS_P: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    count = _count(row_counts, held_ptr, count_ptr, row, rows, cap, ROWS_P)
+    scores = scratch + row * slots
+    # The count-th largest key, a byte at a time from the top: each round is one pass, a histogram
+    # of the next byte over the keys that start with the bytes found so far (`prefix`); the byte
+    # is the bin where the count from the top reaches `wanted`, the threshold's rank among them.
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int64)
+    wanted = count
+    for shift in tl.static_range(24, -8, -8):
+        histogram = tl.zeros([256], tl.int32)
+        for start in range(0, slots, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            key = _keys(scores, s, slots)
+            digit = ((key >> shift) & 255).to(tl.int32)
+            histogram += tl.histogram(digit, 256, mask=(s < slots) & ((key >> (shift + 8)) == prefix))
+        at_or_above = tl.sum(histogram, axis=0) - tl.cumsum(histogram, axis=0) + histogram
+        chosen = tl.sum((at_or_above >= wanted).to(tl.int32), axis=0) - 1   # count 0: 255, the top
+        wanted -= tl.sum(tl.where(bins > chosen, histogram, 0), axis=0).to(tl.int64)
+        prefix = prefix * 256 + chosen
+    # Now `prefix` is the count-th largest key and `wanted` the ties at it to keep (count 0: none).
+    _compact(scores, positions, row, slots, cap, prefix, wanted, BLOCK)
+
+
+@triton.jit
+def bisection_select_kernel(scratch, row_counts, held_ptr, positions, count_ptr, rows, slots, cap,
+                            ROWS_P: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    count = _count(row_counts, held_ptr, count_ptr, row, rows, cap, ROWS_P)
+    scores = scratch + row * slots
     # The count-th largest key: the largest T with #(key >= T) >= count (bisection, 32 rounds).
-    low = tl.full([], -2147483648, tl.int64)
-    high = tl.full([], 2147483648, tl.int64)
+    low = tl.zeros([], tl.int64)
+    high = tl.full([], 4294967296, tl.int64)
     for _ in range(32):
         mid = low + (high - low) // 2
         seen = tl.zeros([BLOCK], tl.int32)
         for start in range(0, slots, BLOCK):
             s = start + tl.arange(0, BLOCK)
-            bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32,
-                                                                                               bitcast=True)
-            key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-            seen += ((key >= mid) & (s < slots)).to(tl.int32)
+            seen += ((_keys(scores, s, slots) >= mid) & (s < slots)).to(tl.int32)
         enough = tl.sum(seen, axis=0) >= count
         low = tl.where(enough, mid, low)
         high = tl.where(enough, high, mid)
     greater = tl.zeros([BLOCK], tl.int32)
     for start in range(0, slots, BLOCK):
         s = start + tl.arange(0, BLOCK)
-        bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        greater += ((key > low) & (s < slots)).to(tl.int32)
-    ties_wanted = count - tl.sum(greater, axis=0)
-    kept = tl.zeros([], tl.int64)
-    ties = tl.zeros([], tl.int64)
-    for start in range(0, slots, BLOCK):
-        s = start + tl.arange(0, BLOCK)
-        bits = tl.load(scratch + row * slots + s, mask=s < slots, other=float("-inf")).to(tl.int32, bitcast=True)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-        inside = s < slots
-        tie = (key == low) & inside
-        tie_rank = ties + tl.cumsum(tie.to(tl.int64), axis=0)
-        keep = ((key > low) & inside) | (tie & (tie_rank <= ties_wanted))  # count 0: low is the top key
-        rank = kept + tl.cumsum(keep.to(tl.int64), axis=0) - 1
-        tl.store(positions + row * cap + rank, s.to(tl.int64), mask=keep & (rank < cap))
-        kept += tl.sum(keep.to(tl.int64), axis=0)
-        ties += tl.sum(tie.to(tl.int64), axis=0)
+        greater += ((_keys(scores, s, slots) > low) & (s < slots)).to(tl.int32)
+    _compact(scores, positions, row, slots, cap, low, count - tl.sum(greater, axis=0), BLOCK)
