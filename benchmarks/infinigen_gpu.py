@@ -17,6 +17,11 @@ budget 0.2), all on the fast engine (graph-captured decode), in `--rounds` round
 `--eager-offload` adds the old eager `offload` in both modes at the first configuration (the
 engine whose overlapped mode was slower than its non-overlapped one).
 
+Before the runs, one speculated layer's speculation at Llama-3-8B's shapes (`--speculation`,
+slots x batch; see `time_speculation_layer`): the query (W_q, RoPE, partial skew), and the
+scores and selection by the Triton kernels (radix select) against the bisection they replaced
+and against the torch path, with their selections compared (`speculation_layer` in the JSON).
+
 Figures per run, from its trace: decode ms per token (median, min, mean), fetch bandwidth of the
 whole-layer and the speculated fetches (bytes over their GPU-timed copy spans) against the
 pinned-copy peak measured first, and per step: speculation (side stream), gather (copy stream),
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-checks", action="store_true")
     parser.add_argument("--eager-offload", action="store_true")
     parser.add_argument("--skip-steps", type=int, default=SKIP_STEPS)
+    parser.add_argument("--speculation", default="8192x1,32768x1,8192x8,32768x8",
+                        help="SLOTSxBATCH,... of the one-layer speculation micro-benchmark ('' for none)")
     parser.add_argument("--profile-eager-offload", action="store_true",
                         help="torch.profiler over the old eager offload (8K, batch 1), both modes: where its step goes")
     args = parser.parse_args(argv)
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**spec.config, "num_hidden_layers": 4})
         infinigen_options.setdefault("calibration_tokens", "64")
         args.configs, args.output_len, args.skip_steps = "96x1,96x2", 6, 1
+        args.speculation = "256x1,256x2"
     torch.manual_seed(0)
     started = time.perf_counter()
     loaded = load_model(spec, device)
@@ -110,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_checks and device == "cuda":
         figures["checks"] = gpu_checks(loaded, spec, registry, traces, infinigen_options)
         print("checks:", json.dumps(figures["checks"]), flush=True)
+        out.write_text(json.dumps(figures, indent=2) + "\n")
+    figures["speculation_layer"] = {}
+    for config in filter(None, args.speculation.split(",")):
+        slots, batch = map(int, config.split("x"))
+        try:
+            result = time_speculation_layer(device, batch, slots, layers=2 if args.smoke else 30)
+        except Exception as exc:  # noqa: BLE001 - recorded; the end-to-end runs still run
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        figures["speculation_layer"][config] = result
+        print(f"speculation layer {config}: {json.dumps(result)}", flush=True)
         out.write_text(json.dumps(figures, indent=2) + "\n")
     wanted = args.runs.split(",")
     figures["configs"] = {}
@@ -313,6 +332,164 @@ def profile_eager_offload(registry: Registry, spec: Any, loaded: LoadedModel, ou
     return result
 
 
+# --- one layer's speculation ---------------------------------------------------------------------
+
+# Llama-3-8B: 32 query heads in 8 KV groups, head_dim 128, hidden 4096; InfiniGen's defaults.
+LLAMA3_8B = dict(hidden=4096, kv_heads=8, group=4, head_dim=128)
+PARTIAL, ALPHA, BUDGET, UNHELD = 0.2, 5.0, 0.2, 32
+
+
+def speculation_state(device: str, batch: int, slots: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One speculated layer's inputs at Llama-3-8B's shapes (bf16): its W_q, partial skew and
+    partial key cache (the last `UNHELD` slots not held yet: NaN there, as unwritten memory may be),
+    and a decode step's attention input with its RoPE cos/sin."""
+    hidden, kv_heads, group, dim = (LLAMA3_8B[k] for k in ("hidden", "kv_heads", "group", "head_dim"))
+    width = int(dim * PARTIAL)
+
+    def normal(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, generator=generator) * scale).to(torch.bfloat16)
+
+    keys = normal(batch, kv_heads, slots, width)
+    keys[:, :, slots - UNHELD:] = float("nan")
+    angles = torch.rand(batch, 1, dim // 2, device=device, generator=generator) * 6.28
+    cos, sin = (part.repeat(1, 1, 2).to(torch.bfloat16) for part in (angles.cos(), angles.sin()))
+    return {"w_q": normal(kv_heads * group * dim, hidden, scale=hidden ** -0.5), "hidden": normal(batch, 1, hidden),
+            "skew": normal(kv_heads, dim, width, scale=dim ** -0.5), "keys": keys, "cos": cos, "sin": sin}
+
+
+def speculative_query(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fast engine's query part of the speculation (AttentionAccess.query, then the partial
+    skew): ``[batch, kv_heads, group, partial]``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    kv_heads, group, dim = state["skew"].shape[0], LLAMA3_8B["group"], LLAMA3_8B["head_dim"]
+    batch = state["hidden"].shape[0]
+    query = torch.nn.functional.linear(state["hidden"], state["w_q"]).view(batch, 1, -1, dim).transpose(1, 2)
+    query, _ = apply_rotary_pos_emb(query, query, state["cos"], state["sin"])
+    grouped = query[:, :, -1].view(batch, kv_heads, group, dim)
+    return torch.einsum("bkgd,kdc->bkgc", grouped, state["skew"]).contiguous()
+
+
+class SpeculationOutputs:
+    """The fixed buffers a speculation writes (shared by the layers, as in the fast engine)."""
+
+    def __init__(self, device: str, batch: int, slots: int) -> None:
+        kv_heads = LLAMA3_8B["kv_heads"]
+        self.cap = max(1, int(BUDGET * slots))
+        self.held = torch.tensor([slots - UNHELD], device=device)
+        self.scratch = torch.zeros(batch * kv_heads, slots, device=device)
+        self.row_counts = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(batch, kv_heads, self.cap, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)
+
+    def select(self, path: str, partial_query: torch.Tensor, keys: torch.Tensor) -> None:
+        """`path`: "radix" or "bisection" (the Triton kernels), or "torch" (the fast engine's path
+        without them: speculative scores over every slot, -inf past `held`, select_within_cap)."""
+        from kvprof_infinigen.selection import select_fused, select_within_cap
+
+        scaling = LLAMA3_8B["head_dim"] ** -0.5
+        if path == "torch":
+            scores = torch.einsum("bkgc,bksc->bkgs", partial_query, keys).float().mul_(scaling)
+            slot_ids = torch.arange(scores.shape[-1], device=scores.device)
+            scores.masked_fill_(slot_ids >= self.held, float("-inf"))
+            positions, count = select_within_cap(scores, ALPHA, self.cap, self.held)
+            self.positions.copy_(positions)
+            self.count.copy_(count)
+            return
+        select_fused(partial_query, keys, scaling, ALPHA, self.cap, self.held, self.scratch, self.row_counts,
+                     self.positions, self.count, bisection=path == "bisection")
+
+    def selected(self) -> tuple[int, torch.Tensor]:
+        count = int(self.count)
+        return count, self.positions[..., :count].clone()
+
+
+def time_speculation_layer(device: str, batch: int, slots: int, layers: int = 30,
+                           repeats: int = 20) -> dict[str, Any]:
+    """One speculated layer's speculation at Llama-3-8B's shapes (bf16, alpha 5, partial 0.2,
+    budget 0.2 of `slots`, the last 32 slots not held), per layer, each part captured in a CUDA
+    graph over `layers` separate layers' states (their W_q and partial keys not still in L2),
+    timed with CUDA events: the median over `repeats` replays (on a CPU: the host clock, no graph,
+    torch parts only). Parts: "query_ms" (W_q, RoPE, partial skew), "select_ms" (the Triton kernels'
+    scores and radix select), "select_bisection_ms" (the same with the bisection select before it),
+    "select_torch_ms" (the torch path). Then, on every layer's inputs: the count and positions of
+    the radix select against the bisection's and against select_within_cap over the kernels' own
+    per-slot scores (the same floats: equal unless the select is wrong)."""
+    from kvprof_infinigen.selection import fused_selection_available, select_within_cap
+
+    generator = torch.Generator(device).manual_seed(slots + batch)
+    states = [speculation_state(device, batch, slots, generator) for _ in range(layers)]
+    queries = [speculative_query(state) for state in states]
+    outputs = SpeculationOutputs(device, batch, slots)
+    fused = fused_selection_available(torch.device(device))
+    result: dict[str, Any] = {"slots": slots, "batch_size": batch, "layers": layers, "cap": outputs.cap,
+                              "held": int(outputs.held), "fused": fused}
+
+    def every_layer_query() -> None:
+        for state in states:
+            speculative_query(state)
+
+    result["query_ms"] = round(ms_per_layer(every_layer_query, layers, repeats, device), 4)
+    for name, path in (("select_ms", "radix"), ("select_bisection_ms", "bisection"), ("select_torch_ms", "torch")):
+        if path != "torch" and not fused:
+            continue
+
+        def every_layer(path: str = path) -> None:
+            for state, query in zip(states, queries):
+                outputs.select(path, query, state["keys"])
+
+        result[name] = round(ms_per_layer(every_layer, layers, repeats, device), 4)
+    if fused:
+        result["select_speedup_over_bisection"] = round(result["select_bisection_ms"] / result["select_ms"], 2)
+        equal_bisection = equal_torch = 0
+        counts = []
+        for state, query in zip(states, queries):
+            outputs.select("bisection", query, state["keys"])
+            bisection = outputs.selected()
+            outputs.select("radix", query, state["keys"])
+            radix = outputs.selected()
+            per_slot = outputs.scratch.view(batch, LLAMA3_8B["kv_heads"], 1, slots)
+            positions, count = select_within_cap(per_slot, ALPHA, outputs.cap, outputs.held)
+            equal_bisection += radix[0] == bisection[0] and torch.equal(radix[1], bisection[1])
+            equal_torch += radix[0] == int(count) and torch.equal(radix[1], positions[..., :radix[0]])
+            counts.append(radix[0])
+        result.update(layers_equal_to_bisection=equal_bisection, layers_equal_to_torch_rule=equal_torch,
+                      selected_mean=round(statistics.fmean(counts), 1))
+    return result
+
+
+def ms_per_layer(body: Any, layers: int, repeats: int, device: str) -> float:
+    """Milliseconds per layer of `body` (all layers' work): on a GPU captured once in a CUDA graph
+    and replayed, timed with CUDA events; on a CPU timed with the host clock. The median."""
+    if device != "cuda":
+        body()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            body()
+            times.append((time.perf_counter() - started) * 1e3 / layers)
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the graph
+        body()
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / layers)
+    return statistics.median(times)
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
@@ -431,6 +608,15 @@ def fractions(runs: dict[str, dict[str, Any]], peak: float) -> dict[str, float]:
 def print_report(figures: dict[str, Any]) -> None:
     peak = max(figures["peak_h2d_GBps"].values())
     print(f"\n{figures['model']} ({figures['weights']} weights), {figures['device']}, pinned peak {peak} GB/s")
+    if figures.get("speculation_layer"):
+        print(f"one layer's speculation, ms: {'slots x batch':<14} {'query':>7} {'select':>7} {'bisection':>9} "
+              f"{'torch':>7} {'equal':>6}")
+        for config, s in figures["speculation_layer"].items():
+            equal = (f"{s['layers_equal_to_bisection']}/{s['layers_equal_to_torch_rule']}"
+                     if "layers_equal_to_bisection" in s else "")
+            print(f"{'':<27} {config:<14} {s.get('query_ms', ''):>7} {s.get('select_ms', ''):>7} "
+                  f"{s.get('select_bisection_ms', ''):>9} {s.get('select_torch_ms', ''):>7} {equal:>6}"
+                  + (f" error: {s['error'][:100]}" if "error" in s else ""))
     print(f"{'config':<9} {'run':<26} {'ms/tok':>8} {'min':>8} {'fetch GB/s':>10} {'stall ms':>9} "
           f"{'spec ms':>8} {'gather ms':>9} {'selected':>8}")
     for config, entry in figures.get("configs", {}).items():
