@@ -12,9 +12,12 @@ OpenTelemetry's gen_ai conventions (request ids).
 """
 
 # No `from __future__ import annotations`: the TypedDicts below need their Required[...] evaluated.
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Annotated, NotRequired, Required, TypedDict, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, NotRequired, Required, TypedDict, get_args, get_origin, get_type_hints
+
+import numpy as np
 
 
 class Kind(str, Enum):
@@ -90,6 +93,78 @@ class Event:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+
+
+@dataclass
+class Positions:
+    """The `positions` of many events in three flat arrays (Arrow's list<list<int32>> layout).
+
+    Event i's lists are lists[event_offsets[i]:event_offsets[i + 1]], and list j holds
+    values[list_offsets[j]:list_offsets[j + 1]]. Building these with numpy costs nothing per
+    position, where Python lists cost a boxed int each (an H2O prefill at batch 16 drops 25M).
+    """
+
+    values: np.ndarray         # int32, every position of every list, in order
+    list_offsets: np.ndarray   # int32, one more than the number of lists
+    event_offsets: np.ndarray  # int32, one more than the number of events
+
+    def of(self, event: int) -> list[list[int]]:
+        first, last = int(self.event_offsets[event]), int(self.event_offsets[event + 1])
+        bounds = self.list_offsets[first:last + 1].tolist()
+        return [self.values[a:b].tolist() for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class EventBatch:
+    """Many events of one kind emitted at once (`Profiler.emit_batch`), held in columns.
+
+    For the most numerous events: H2O's evictions of one step at detail "head" are one event
+    per layer, request and KV head, thousands per step at batch 16. Every event of the batch
+    has `start_ns`, `end_ns` and the `shared` fields; `columns` hold one value per event (a
+    list or a 1-D numpy array), except `ext`, which is columns too: {key: one value per event},
+    every event having every key; `positions` hold the events' position lists. A sink that implements
+    `kvprof_event_batch` takes the batch whole (the trace writer turns it into Arrow columns);
+    any other sink gets `events()`, one by one, through its per-kind hook.
+    """
+
+    kind: Kind
+    start_ns: int
+    end_ns: int
+    columns: dict[str, Any]  # field -> one value per event; "ext" -> {key: one value per event}
+    shared: dict[str, Any] = field(default_factory=dict)
+    positions: Positions | None = None
+    seq: int = -1               # set by the profiler: the seq of the first event
+    run_id: str | None = None   # set by the profiler
+
+    def __post_init__(self) -> None:
+        lengths = {name: len(column) for name, column in self.columns.items() if name != "ext"}
+        ext = self.columns.get("ext")
+        lengths |= {f"ext[{key!r}]": len(column) for key, column in (ext or {}).items()}
+        if self.positions is not None:
+            lengths["positions"] = len(self.positions.event_offsets) - 1
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"an EventBatch's columns differ in length: {lengths}")
+        self.length = next(iter(lengths.values()), 0)
+        both = set(self.columns) & set(self.shared)
+        if both:
+            raise ValueError(f"fields both shared and per event: {sorted(both)}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def events(self) -> Iterator[Event]:
+        """The batch as Event records, in seq order."""
+        columns = {name: column.tolist() if isinstance(column, np.ndarray) else column
+                   for name, column in self.columns.items() if name != "ext"}
+        ext = {key: np.asarray(column, dtype=float).tolist() for key, column in self.columns.get("ext", {}).items()}
+        for index in range(self.length):
+            values = {name: column[index] for name, column in columns.items()}
+            if ext:
+                values["ext"] = {key: column[index] for key, column in ext.items()}
+            if self.positions is not None:
+                values["positions"] = self.positions.of(index)
+            yield Event(self.kind, self.start_ns, self.end_ns, seq=self.seq + index, run_id=self.run_id,
+                        **self.shared, **values)
 
 
 # --- the fields of each kind ---------------------------------------------------------------

@@ -35,7 +35,9 @@ Why one hook per kind rather than one `kvprof_event(event)`: pluggy calls only t
 implement a hook, so a sink pays only for the kinds it asks for. The live display and the NVTX
 sink implement prefill and decode_step (and NVTX offload); the most numerous events, evict and
 offload at one per layer and step (per head at detail "head"), never reach them. The trace
-writer, which wants every kind, implements each hook with the same one-line method.
+writer, which wants every kind, implements each hook with the same one-line method. Where
+events come by the thousand, a strategy emits them as one columnar `EventBatch`: sinks that
+implement `kvprof_event_batch` take it whole, the others still get each event.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from kvprof.events import Event
+    from kvprof.events import Event, EventBatch
     from kvprof.profiler import Profiler, RunInfo
 
 hookspec = pluggy.HookspecMarker("kvprof")
@@ -191,6 +193,18 @@ def kvprof_request_end(event: Event) -> None:
     """A request finished. start_ns is its arrival, end_ns its last token.
 
     ext["prompt_tokens"]: the prompt's length.
+    """
+
+
+@hookspec
+def kvprof_event_batch(batch: EventBatch) -> None:
+    """Many events of one kind at once, in columns (`Profiler.emit_batch`; see `EventBatch`).
+
+    Strategies emit a batch where events come by the thousand (H2O's evictions per step at
+    detail "head"). A sink that implements this hook gets the batch instead of one call of its
+    per-kind hook per event (the trace writer writes the columns as they are); a sink that does
+    not still gets each event through its per-kind hook. Fires in seq order with the other
+    events: `batch.seq` is the first event's seq, the rest follow without gaps.
     """
 
 

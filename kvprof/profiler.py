@@ -23,6 +23,7 @@ from kvprof.errors import SinkError
 from kvprof.events import (
     DecodeStepFields,
     Event,
+    EventBatch,
     EvictFields,
     Kind,
     OffloadFields,
@@ -225,15 +226,40 @@ class Profiler:
             event.seq = self.events_emitted
             event.run_id = self.run.run_id
             self.events_emitted += 1
+            hook = self._hooks[event.kind]
             try:
-                self._hooks[event.kind](event=event)
+                hook(event=event)
             except Exception as exc:
-                raise SinkError(self._failed_plugin(event.kind, exc), event.kind.value, exc) from exc
+                raise SinkError(self._failed_plugin([hook], exc), event.kind.value, exc) from exc
             self.hook_ns += time.perf_counter_ns() - t0
 
-    def _failed_plugin(self, kind: Kind, exc: BaseException) -> str:
+    def emit_batch(self, batch: EventBatch) -> None:
+        """Deliver many events of one kind at once (see `EventBatch`): sinks that implement
+        `kvprof_event_batch` take it whole, the others get its events one by one."""
+        if not self.enabled or not len(batch):
+            return
+        t0 = time.perf_counter_ns()
+        with self._lock:
+            if self._closed:
+                return
+            batch.seq = self.events_emitted
+            batch.run_id = self.run.run_id
+            self.events_emitted += len(batch)
+            whole = self.pm.hook.kvprof_event_batch
+            takers = [impl.plugin for impl in whole.get_hookimpls()]
+            one_by_one = self.pm.subset_hook_caller(self._hooks[batch.kind].name, remove_plugins=takers)
+            try:
+                whole(batch=batch)
+                if one_by_one.get_hookimpls():
+                    for event in batch.events():
+                        one_by_one(event=event)
+            except Exception as exc:
+                raise SinkError(self._failed_plugin([whole, one_by_one], exc), batch.kind.value, exc) from exc
+            self.hook_ns += time.perf_counter_ns() - t0
+
+    def _failed_plugin(self, hooks: list[Any], exc: BaseException) -> str:
         """The name of the plugin whose hook implementation raised `exc` (from its traceback)."""
-        codes = {impl.function.__code__: impl.plugin for impl in self._hooks[kind].get_hookimpls()}
+        codes = {impl.function.__code__: impl.plugin for hook in hooks for impl in hook.get_hookimpls()}
         traceback = exc.__traceback__
         while traceback is not None:
             if traceback.tb_frame.f_code in codes:

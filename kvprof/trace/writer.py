@@ -2,7 +2,8 @@
 
 Events are buffered and written as record batches every `batch_rows` events or `flush_s`
 seconds, whichever comes first, so memory stays bounded and a run that is killed leaves a
-readable prefix: at most the batch in progress is lost. Each batch carries its CRC32.
+readable prefix: at most the batch in progress is lost. Each batch carries its CRC32. An
+`EventBatch` arrives as columns and stays columns (no Python object per event).
 
 The file is `<name>.partial.arrow` while the run goes. `run_end` writes the last batch and the
 footer; a run that finished is then renamed to `<name>.arrow` in one step (an existing trace
@@ -19,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from kvprof.errors import TraceWriteError
-from kvprof.events import FIELDS, Event
+from kvprof.events import FIELDS, Event, EventBatch, Positions
 from kvprof.hookspecs import hookimpl
 from kvprof.trace.schema import META_BATCH_CRC, arrow_schema, batch_checksum
 
@@ -43,11 +45,13 @@ class ArrowTraceWriter:
         self.schema = arrow_schema(run_metadata)
         self.batch_rows = batch_rows
         self.flush_ns = int(flush_s * 1e9)
-        self._buffer: list[Event] = []
+        self._buffer: list[Event | EventBatch] = []  # in seq order
+        self._buffered_rows = 0
         self._last_flush_ns = time.monotonic_ns()
         self.rows_written = 0
         self.closed = False
         self.finished = False   # closed and renamed to `path`
+        pa.array([{"warm": 1}])  # pyarrow imports pandas on its first conversion: here, not inside a hook
         with self._reporting_errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = pa.OSFile(str(self.partial), "wb")
@@ -58,11 +62,12 @@ class ArrowTraceWriter:
         """Where the events are now: `path` once the run finished, the partial file before."""
         return self.path if self.finished else self.partial
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event | EventBatch) -> None:
         if self.closed:
             return
         self._buffer.append(event)
-        if len(self._buffer) >= self.batch_rows or event.end_ns - self._last_flush_ns > self.flush_ns:
+        self._buffered_rows += len(event) if isinstance(event, EventBatch) else 1
+        if self._buffered_rows >= self.batch_rows or event.end_ns - self._last_flush_ns > self.flush_ns:
             self.flush()
 
     def flush(self) -> None:
@@ -71,8 +76,8 @@ class ArrowTraceWriter:
             with self._reporting_errors():
                 self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
                 self._file.flush()
-            self.rows_written += len(self._buffer)
-            self._buffer = []
+            self.rows_written += self._buffered_rows
+            self._buffer, self._buffered_rows = [], 0
         self._last_flush_ns = time.monotonic_ns()
 
     def close(self, finished: bool = True) -> None:
@@ -104,7 +109,7 @@ class ArrowTraceWriter:
     def _abandon(self) -> None:
         """After a failed write: stop writing, release the file, keep what reached the disk."""
         self.closed = True
-        self._buffer = []
+        self._buffer, self._buffered_rows = [], 0
         file = getattr(self, "_file", None)
         try:
             if file is not None:
@@ -112,7 +117,24 @@ class ArrowTraceWriter:
         except OSError:
             pass
 
-    def _to_batch(self, events: list[Event]) -> pa.RecordBatch:
+    def _to_batch(self, buffered: list[Event | EventBatch]) -> pa.RecordBatch:
+        """One record batch of the buffered events: runs of single events, then batches, in order."""
+        parts, run = [], []
+        for item in buffered:
+            if isinstance(item, Event):
+                run.append(item)
+                continue
+            if run:
+                parts.append(self._events_to_batch(run))
+                run = []
+            parts.append(self._columns_to_batch(item))
+        if run:
+            parts.append(self._events_to_batch(run))
+        if len(parts) == 1:
+            return parts[0]
+        return pa.Table.from_batches(parts, schema=self.schema).combine_chunks().to_batches()[0]
+
+    def _events_to_batch(self, events: list[Event]) -> pa.RecordBatch:
         arrays = []
         for name, column in zip(FIELDS, self.schema):
             values = [getattr(e, name) for e in events]
@@ -121,6 +143,28 @@ class ArrowTraceWriter:
             elif name == "ext":
                 values = [None if v is None else list(v.items()) for v in values]
             arrays.append(pa.array(values, column.type))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+    def _columns_to_batch(self, batch: EventBatch) -> pa.RecordBatch:
+        rows = len(batch)
+        given = {"kind": batch.kind.value, "start_ns": batch.start_ns, "end_ns": batch.end_ns,
+                 "run_id": batch.run_id, **batch.shared}
+        arrays = []
+        for name, column in zip(FIELDS, self.schema):
+            if name == "seq":
+                arrays.append(pa.array(np.arange(batch.seq, batch.seq + rows), column.type))
+            elif name == "positions" and batch.positions is not None:
+                arrays.append(_nested_lists(batch.positions, column.type))
+            elif name == "ext" and name in batch.columns:
+                arrays.append(_ext_column(batch.columns[name], rows, column.type))
+            elif name in batch.columns:
+                arrays.append(pa.array(batch.columns[name], column.type))
+            else:
+                value = given.get(name)
+                if name == "ext" and value is not None:
+                    value = list(value.items())
+                arrays.append(pa.nulls(rows, column.type) if value is None else
+                              pa.array([value], column.type).take(pa.array(np.zeros(rows, dtype=np.int32))))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
     # --- sink hooks --------------------------------------------------------------------
@@ -159,9 +203,29 @@ class ArrowTraceWriter:
         self.add(event)
 
     @hookimpl
+    def kvprof_event_batch(self, batch: EventBatch) -> None:
+        self.add(batch)
+
+    @hookimpl
     def kvprof_run_end(self, event: Event, error: BaseException | None) -> None:
         self.add(event)
         self.close(finished=error is None)
+
+
+def _ext_column(columns: dict[str, Any], rows: int, type: pa.DataType) -> pa.Array:
+    """{key: one value per event} as a map column: every event has every key."""
+    keys = list(columns)
+    items = np.stack([np.asarray(columns[key], dtype=np.float64) for key in keys], axis=-1).reshape(-1) \
+        if keys else np.zeros(0)
+    return pa.MapArray.from_arrays(pa.array(np.arange(0, rows * len(keys) + 1, len(keys), dtype=np.int32)),
+                                   pa.array(keys * rows, pa.string()), pa.array(items, pa.float64())).cast(type)
+
+
+def _nested_lists(positions: Positions, type: pa.DataType) -> pa.Array:
+    """`positions` as list<list<int32>>, from its offsets, without a Python int per position."""
+    inner = pa.ListArray.from_arrays(pa.array(positions.list_offsets, pa.int32()),
+                                     pa.array(positions.values, pa.int32()))
+    return pa.ListArray.from_arrays(pa.array(positions.event_offsets, pa.int32()), inner).cast(type)
 
 
 def publish(partial: Path, path: Path) -> None:
