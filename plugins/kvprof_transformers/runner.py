@@ -76,6 +76,13 @@ class Batch:
     start_ns: int = 0                   # when the batch's prefill started
     outputs: list[list[int]] = field(default_factory=list)
     finished_ns: list[int | None] = field(default_factory=list)
+    prefill_report: Callable[[], None] | None = None  # emits the prefill's events (see Runner._report_prefill)
+
+    def report_prefill(self) -> None:
+        """Emit the prefill's events, once (nothing when the profiler is off)."""
+        report, self.prefill_report = self.prefill_report, None
+        if report is not None:
+            report()
 
     @property
     def size(self) -> int:
@@ -138,6 +145,12 @@ class CachePolicy:
 
     def after_step(self, batch: Batch, cache: Any) -> None:
         """Called after each decode step's forward, before the step's end is timed."""
+
+    def drain_prefill(self, batch: Batch, chunk: int) -> None:
+        """Called once the first token's time is taken, right before the prefill events of
+        `chunk` (0: the prompt, 1: a follow-up) are emitted: emit the events of that chunk's
+        work here (timed with clock marks when it was done), so turning device results into
+        events is not counted in TTFT. Only when the profiler is enabled."""
 
     def kv_bytes(self, cache: Any) -> KVBytes:
         """Measured from the cache tensors: each tensor counts in the tier where it lives."""
@@ -394,6 +407,7 @@ class Runner:
         if self.is_static:
             self._decode_static(batch, cache, next_ids)
         else:
+            batch.report_prefill()
             max_new = max(r.max_new_tokens for r in requests)
             while batch.step + 1 < max_new and not self._all_finished(batch):
                 batch.step += 1
@@ -470,10 +484,18 @@ class Runner:
         end = chunks[-1][1]
         self.filled_slots = batch.slots
         self._record_tokens(batch, next_ids, end)
-        if not self.profiler.enabled:  # overhead baseline: no measuring work at all
-            return next_ids
-        final_kv = self.policy.kv_bytes(cache) if len(chunks) > 1 else prompt_kv
+        if self.profiler.enabled:  # an overhead baseline does no measuring work at all
+            final_kv = self.policy.kv_bytes(cache) if len(chunks) > 1 else prompt_kv
+            batch.prefill_report = lambda: self._report_prefill(batch, chunks, forward_kv, policy_start,
+                                                                prompt_kv, final_kv)
+        return next_ids
+
+    def _report_prefill(self, batch: Batch, chunks: list[tuple[int, int, list[int]]], forward_kv: KVBytes,
+                        policy_start: int, prompt_kv: KVBytes, final_kv: KVBytes) -> None:
+        """The prefill's events (the policy's first, `drain_prefill`). The fast engine calls it
+        once the first decode steps are queued, so the device is busy while the host works."""
         for chunk, (chunk_start, chunk_end, lens) in enumerate(chunks):
+            self.policy.drain_prefill(batch, chunk)  # its events come before the chunk's prefill events
             kv = final_kv if chunk else prompt_kv
             for row, request in enumerate(batch.requests):
                 # A follow-up chunk says so; its prompt_tokens count the prompt and the follow-up.
@@ -491,8 +513,7 @@ class Runner:
                     batch_size=batch.size, kv_device_bytes=kv.device, kv_host_bytes=kv.host,
                     aux_device_bytes=kv.aux_device, ext=ext,
                 )
-        self._sample(end)
-        return next_ids
+        self._sample(chunks[-1][1])
 
     def _prefill_followup(self, batch: Batch, cache: Any, followups: list[list[int]]) -> torch.Tensor:
         ids, valid = self._left_padded(followups)
@@ -593,11 +614,13 @@ class Runner:
                 self._decode_body()
             marks.append((start, clock.mark()))
             if step - drained >= self.DRAIN_LAG or step == steps - 1:
+                batch.report_prefill()  # first: its events come before the steps'
                 while drained <= step - (0 if step == steps - 1 else self.DRAIN_LAG):
                     self._drain_step(batch, drained, marks[drained])
                     drained += 1
                 if self._all_finished(batch):
                     break
+        batch.report_prefill()  # when no step followed
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # steps queued past the last EOS
 
