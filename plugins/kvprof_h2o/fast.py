@@ -32,9 +32,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
-from kvprof import Medium, Phase, UsageError
+from kvprof import Kind, Medium, Phase, UsageError
+from kvprof.events import EventBatch, Positions
 from kvprof_h2o import attention
 from kvprof_h2o.decode_kernel import fused_decode
 from kvprof_h2o.heavy_hitters import dropped_positions, select_slots
@@ -187,6 +189,7 @@ class FastH2OPolicy(StaticPolicy):
         self.held = [0] * batch.size     # tokens kept per (row, head) in a budgeted layer
         self.prefill_dropped: dict[int, torch.Tensor] = {}
         self.prefill_spans: dict[int, tuple[Any, Any]] = {}
+        self.prefill_reports: dict[int, tuple[dict[int, Any], dict[int, torch.Tensor], int]] = {}
         return cache
 
     def new_cache_for_capture(self) -> None:
@@ -290,10 +293,10 @@ class FastH2OPolicy(StaticPolicy):
         followup = self.filled > 0
         super().after_chunk(batch, cache, tokens)
         if followup:
-            self._report_prefill(batch)
+            self._keep_prefill_report(chunk=1)
 
     def after_prefill(self, batch: Batch, cache: Any) -> None:
-        self._report_prefill(batch)
+        self._keep_prefill_report(chunk=0)
 
     def kv_bytes(self, cache: Any) -> KVBytes:
         kv = self.kv
@@ -308,26 +311,36 @@ class FastH2OPolicy(StaticPolicy):
 
     # --- events ---------------------------------------------------------------------------------
 
-    def _report_prefill(self, batch: Batch) -> None:
-        if not self.runner.profiler.enabled or not self.prefill_spans:
-            self.prefill_dropped.clear()
-            self.prefill_spans.clear()
-            return
-        clock = self.runner.clock
-        spans = {layer: (clock.resolve(s), clock.resolve(e)) for layer, (s, e) in self.prefill_spans.items()}
-        for layer, (start, end) in sorted(spans.items()):
-            if self.runner.detail != "step":
-                self.runner.profiler.emit_phase(Phase.EVICTION.value, start, end, layer=layer)
-        dropped = {layer: d.cpu() for layer, d in self.prefill_dropped.items()}
-        start, end = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
-        self._emit(batch, None, start, end, {layer: d for layer, d in dropped.items()})
+    def _keep_prefill_report(self, chunk: int) -> None:
+        """The chunk's compression, kept as device tensors and clock marks for `drain_prefill`."""
+        if self.runner.profiler.enabled and self.prefill_spans:
+            dropped = {layer: d.flip(-1).to(torch.int32) for layer, d in self.prefill_dropped.items()}
+            self.prefill_reports[chunk] = (dict(self.prefill_spans), dropped, self.kv_bytes(None).device)
         self.prefill_dropped.clear()
         self.prefill_spans.clear()
 
+    def drain_prefill(self, batch: Batch, chunk: int) -> None:
+        if chunk not in self.prefill_reports:
+            return
+        spans, dropped, device_bytes = self.prefill_reports.pop(chunk)
+        clock = self.runner.clock
+        times = {layer: (clock.resolve(s), clock.resolve(e)) for layer, (s, e) in spans.items()}
+        if self.runner.detail != "step":
+            for layer, (start, end) in sorted(times.items()):
+                self.runner.profiler.emit_phase(Phase.EVICTION.value, start, end, layer=layer)
+        if not dropped:
+            return
+        layers = sorted(dropped)
+        width = max(d.shape[-1] for d in dropped.values())
+        stacked = torch.stack([torch.nn.functional.pad(dropped[layer], (width - dropped[layer].shape[-1], 0),
+                                                       value=-1) for layer in layers])
+        start, end = min(s for s, _ in times.values()), max(e for _, e in times.values())
+        self._emit(batch, None, start, end, layers, self._copy_to_host(stacked).numpy(), device_bytes)
+
     def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
         victims = self._copy_to_host(self.evicted[step])  # (layers, B, H)
-        self._emit(batch, step, start_ns, end_ns,
-                   {layer: victims[i][:, :, None] for i, layer in enumerate(self.scored)})
+        self._emit(batch, step, start_ns, end_ns, self.scored, victims.numpy()[..., None],
+                   self.kv_bytes(None).device)
 
     def _copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cuda":
@@ -342,52 +355,48 @@ class FastH2OPolicy(StaticPolicy):
         done.synchronize()
         return host
 
-    def _emit(self, batch: Batch, step: int | None, start: int, end: int, dropped: dict[int, torch.Tensor]) -> None:
-        """Evict events for `dropped` (layer -> (B, H, n) positions, -1 = none) at the run's detail."""
-        if not dropped:
+    def _emit(self, batch: Batch, step: int | None, start: int, end: int, layers: list[int],
+              dropped: np.ndarray, device_bytes: int) -> None:
+        """Evict events at the run's detail, as one batch. `dropped` (len(layers), B, H, n): each
+        (layer, row, KV head)'s dropped positions in ascending order after its -1 padding."""
+        detail = self.runner.detail
+        if detail == "step":  # every layer, exempt ones empty: positions are layers x KV heads, layer-major
+            full = np.full((self.num_layers, *dropped.shape[1:]), -1, dtype=dropped.dtype)
+            full[layers] = dropped
+            dropped, layers = full, list(range(self.num_layers))
+        by_row = dropped.transpose(1, 0, 2, 3)  # (B, L, H, n)
+        counts = (by_row >= 0).sum(-1)          # (B, L, H)
+        active = np.array([ns is None for ns in batch.finished_ns])
+        lists_per_event = {"head": 1, "layer": self.kv_heads}.get(detail, self.num_layers * self.kv_heads)
+        grouped = counts.reshape(len(active), -1, lists_per_event)  # (B, events per row, lists per event)
+        chosen = (grouped.sum(-1) > 0) & active[:, None]           # (B, events per row)
+        rows, which = np.nonzero(chosen)
+        if not len(rows):
             return
-        profiler, detail = self.runner.profiler, self.runner.detail
+        lists = by_row.reshape(len(active), -1, lists_per_event, by_row.shape[-1])[rows, which]
+        list_counts = grouped[rows, which].reshape(-1)
+        tokens = grouped[rows, which].sum(-1)
         entry = 2 * self.head_dim * self.runner.loaded.dtype.itemsize
-        device_bytes = self.kv_bytes(None).device
-        layers = sorted(dropped)
-        lists = {layer: dropped[layer].tolist() for layer in layers}
-        for row, request in enumerate(batch.requests):
-            if batch.finished_ns[row] is not None:
-                continue
-            common = {"reason": "h2o", "request_id": request.request_id, "step": step,
-                      "src_medium": Medium.DEVICE.value, "kv_device_bytes": device_bytes}
-            ext = {"budget_tokens": float(self.budgets[row])}
-            heads_by_layer = [(layer, [sorted(p for p in head if p >= 0) for head in lists[layer][row]])
-                              for layer in layers]
-            if detail == "step":
-                every = [heads for _, heads in heads_by_layer]
-                tokens = sum(len(h) for heads in every for h in heads)
-                if tokens == 0:  # a step that evicted nothing (the cache not yet full)
-                    continue
-                profiler.emit_evict(start, end, tokens=tokens, bytes=tokens * entry,
-                                    positions=self._all_layers(heads_by_layer),
-                                    ext=ext | {"layers": float(self.num_layers), "kv_heads": float(self.kv_heads)},
-                                    **common)
-                continue
-            for layer, heads in heads_by_layer:
-                if detail == "head":
-                    for kv_head, head in enumerate(heads):
-                        if not head:
-                            continue
-                        profiler.emit_evict(start, end, layer=layer, kv_head=kv_head, tokens=len(head),
-                                            bytes=len(head) * entry, positions=[head], ext=ext, **common)
-                else:
-                    tokens = sum(len(h) for h in heads)
-                    if tokens == 0:
-                        continue
-                    profiler.emit_evict(start, end, layer=layer, tokens=tokens, bytes=tokens * entry,
-                                        positions=heads, ext=ext, **common)
-
-    def _all_layers(self, heads_by_layer: list[tuple[int, list[list[int]]]]) -> list[list[int]]:
-        """num_layers x kv_heads lists, layer-major; layers without evictions (exempt) are empty."""
-        by_layer = dict(heads_by_layer)
-        return [head for layer in range(self.num_layers)
-                for head in by_layer.get(layer, [[] for _ in range(self.kv_heads)])]
+        ids = [request.request_id for request in batch.requests]
+        ext: dict[str, Any] = {"budget_tokens": np.asarray(self.budgets, dtype=float)[rows]}
+        columns: dict[str, Any] = {"request_id": [ids[row] for row in rows.tolist()],
+                                   "tokens": tokens, "bytes": tokens * entry, "ext": ext}
+        if detail == "head":
+            columns["layer"] = np.asarray(layers)[which // self.kv_heads]
+            columns["kv_head"] = which % self.kv_heads
+        elif detail != "step":
+            columns["layer"] = np.asarray(layers)[which]
+        else:
+            ext["layers"] = np.full(len(rows), float(self.num_layers))
+            ext["kv_heads"] = np.full(len(rows), float(self.kv_heads))
+        positions = Positions(values=lists[lists >= 0].astype(np.int32),
+                              list_offsets=np.concatenate([[0], np.cumsum(list_counts)]).astype(np.int32),
+                              event_offsets=np.arange(0, len(rows) * lists_per_event + 1, lists_per_event,
+                                                      dtype=np.int32))
+        self.runner.profiler.emit_batch(EventBatch(
+            Kind.EVICT, start, end, columns=columns, positions=positions,
+            shared={"reason": "h2o", "step": step, "src_medium": Medium.DEVICE.value,
+                    "kv_device_bytes": device_bytes}))
 
 
 def check_supported(model: Any) -> None:
