@@ -277,6 +277,8 @@ def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path
         tokens = {}
         for label, name, options in (("full", "full", {}),
                                      ("infinigen_all", "infinigen", {"alpha": "1e9", "budget": "1.0"}),
+                                     ("infinigen_all_eager", "infinigen",
+                                      {"alpha": "1e9", "budget": "1.0", "engine": "eager"}),
                                      ("infinigen_eager", "infinigen", {"engine": "eager"}),
                                      ("infinigen_static", "infinigen", {})):
             path = out_dir / f"check-{label}.arrow"
@@ -293,6 +295,14 @@ def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path
             tokens[label + "_text"] = [r["text"] for r in trace.of_kind("request_end").to_pylist()]
             path.unlink()
         result["infinigen_all_tokens_equal_full"] = tokens["infinigen_all_text"] == tokens["full_text"]
+        # If they differ: where, and whether the eager engine (the reference) differs too (then it is
+        # the attention's rounding over bf16 random weights, not the fast path's selection).
+        result["infinigen_all_eager_tokens_equal_full"] = tokens["infinigen_all_eager_text"] == tokens["full_text"]
+        result["infinigen_all_first_difference"] = [
+            next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)) if x != y else None)
+            for x, y in zip(tokens["infinigen_all_text"], tokens["full_text"])]
+        result["infinigen_all_texts"] = {label: tokens[label + "_text"]
+                                         for label in ("full", "infinigen_all", "infinigen_all_eager")}
         eager, static = tokens["infinigen_eager_rows"], tokens["infinigen_static_rows"]
         result["selected_rows_events"] = [len(eager), len(static)]
         first_step = [r for r in eager if r[0] == 0], [r for r in static if r[0] == 0]

@@ -12,18 +12,20 @@ import pytest
 SCRIPT = """
 import torch
 from kvprof_h2o.fast import torch_prefill_mass
-from kvprof_h2o.mass_kernel import triton_mass
+from kvprof_h2o.mass_kernel import MassTiles, triton_mass
 g = torch.Generator().manual_seed(0)
-B, Hq, Hkv, L, D = 2, 4, 2, 150, 16
-q, k = torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
-pos = torch.arange(L).repeat(B, 1)
-pos[1, :37] = -1                      # a left-padded row
-pos[1, 37:] = torch.arange(L - 37)
-expected, got = torch_prefill_mass(q, k, pos, 0.25), triton_mass(q, k, pos, 0.25)
-assert torch.allclose(expected, got, atol=1e-4, rtol=1e-4), (expected - got).abs().max()
-assert (got[1, :, :37] == 0).all()    # padding receives nothing
-# every real query hands out exactly one unit of attention per query head
-assert abs(got.sum().item() - Hq * int((pos >= 0).sum())) < 1e-2
+# a group of 2 query heads, and of 3 (SmolLM2's: the stacked tile is padded to a power of two)
+for (Hq, Hkv), tiles in (((4, 2), MassTiles()), ((3, 1), MassTiles(block_m=16, block_n=32))):
+    B, L, D = 2, 150, 16
+    q, k = torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    pos = torch.arange(L).repeat(B, 1)
+    pos[1, :37] = -1                      # a left-padded row
+    pos[1, 37:] = torch.arange(L - 37)
+    expected, got = torch_prefill_mass(q, k, pos, 0.25), triton_mass(q, k, pos, 0.25, tiles)
+    assert torch.allclose(expected, got, atol=1e-4, rtol=1e-4), (expected - got).abs().max()
+    assert (got[1, :, :37] == 0).all()    # padding receives nothing
+    # every real query hands out exactly one unit of attention per query head
+    assert abs(got.sum().item() - Hq * int((pos >= 0).sum())) < 1e-2
 print("ok")
 """
 

@@ -202,6 +202,7 @@ class FastH2OPolicy(StaticPolicy):
         real = batch.attention_mask[:, self.filled:].bool()
         first = batch.next_positions[:, None] if self.filled else 0
         self.query_positions = torch.where(real, first + real.long().cumsum(-1) - 1, -1)
+        self.chunk_tokens = real.sum(-1).tolist()  # once per chunk: no host sync in each layer
         return None
 
     # --- attention ------------------------------------------------------------------------------
@@ -284,10 +285,10 @@ class FastH2OPolicy(StaticPolicy):
     # --- the runner's hooks ---------------------------------------------------------------------
 
     def _real_lengths(self) -> list[int]:
-        return (self.query_positions >= 0).sum(-1).tolist()
+        return self.chunk_tokens
 
     def _followup_held(self) -> list[int]:
-        return [kept + n for kept, n in zip(self.held, (self.query_positions >= 0).sum(-1).tolist())]
+        return [kept + n for kept, n in zip(self.held, self.chunk_tokens)]
 
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
         followup = self.filled > 0
