@@ -5,6 +5,8 @@
 #   part engine     ~2 min: the fast engine against the harness, overhead, offload (engine_gpu.py)
 #   part h2o        ~3 min: H2O fast vs eager check, the prefill-mass kernels, b1 and b16 (h2o_gpu.py)
 #   part infinigen  ~5 min: InfiniGen, offload (both modes, both engines) at 8K and 32K, b1 and b8
+#   part infinigen-8k ~2 min: InfiniGen and full at 8K x 1 with the checks
+#   part events     ~20 s: the host's cost per evict event, batches against one by one (event_batch_cost.py)
 #   part weights    moves the carried parts of SmolLM2's real weights (.device/weights/) to /tmp
 #   part retention  ~5 min: joins the weight parts and runs Figure 8's grid (retention_grid.py, cuda)
 #
@@ -41,6 +43,12 @@ for part in "$@"; do
             python3 benchmarks/infinigen_gpu.py /tmp/kvprof-infinigen --eager-offload \
                 --configs 8192x1,32768x1,8192x8,32768x8 > "$OUT/infinigen.log" 2>&1; rc=$?
             cp /tmp/kvprof-infinigen/figures.json "$OUT/infinigen.json" ;;
+        infinigen-8k)
+            python3 benchmarks/infinigen_gpu.py /tmp/kvprof-infinigen-8k --configs 8192x1 --runs full,infinigen \
+                > "$OUT/infinigen-8k.log" 2>&1; rc=$?
+            cp /tmp/kvprof-infinigen-8k/figures.json "$OUT/infinigen-8k.json" ;;
+        events)
+            python3 benchmarks/event_batch_cost.py > "$OUT/events.log" 2>&1; rc=$? ;;
         weights)
             mkdir -p $WEIGHTS && cp .device/weights/* $WEIGHTS/; rc=$?
             ls -l $WEIGHTS ;;

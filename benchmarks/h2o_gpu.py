@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,30 @@ def time_prefill_mass(device: str, batch: int, prompt_len: int, repeats: int = 3
             times.append(begin.elapsed_time(end))
         out[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
     out["max_rel_diff"] = float((results["torch_ms"] - results["triton_ms"]).abs().max() / results["torch_ms"].max())
+    out["tiles_ms"] = time_mass_tiles(query, keys, positions, repeats)
+    return out
+
+
+def time_mass_tiles(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, repeats: int) -> dict[str, float]:
+    """The Triton mass kernels at a few tile sizes and launch settings (medians, ms), to choose the default."""
+    from kvprof_h2o.mass_kernel import MassTiles, triton_mass
+
+    out = {}
+    for tiles in (MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2), MassTiles(32, 128, 8, 2),
+                  MassTiles(16, 64, 4, 3), MassTiles(16, 128, 4, 2)):
+        name = f"{tiles.block_m}x{tiles.block_n}w{tiles.warps}s{tiles.stages}"
+        try:
+            times = []
+            for _ in range(repeats + 1):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                triton_mass(query, keys, positions, 0.088, tiles)
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end))
+            out[name] = round(statistics.median(times[1:]), 2)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit the shared memory: say so, go on
+            out[name] = f"{type(exc).__name__}"
     return out
 
 
