@@ -11,7 +11,8 @@ changes is the machinery, after the authors' own fast (FlexGen-based) version:
   scores, and picks the next free slot: the lowest-scoring slot outside the recent window (an
   empty slot first, while the cache is not full). The token in it is the step's eviction; its
   position goes into a device buffer (`evicted[step]`). All of it is device work with fixed
-  shapes, captured in the runner's CUDA graph: no host sync, no allocation.
+  shapes, captured in the runner's CUDA graph: no host sync. On CUDA the step of a layer is two
+  Triton kernels (`decode_kernel`); `torch_decode` is the same step in torch (the CPU path).
 * Prefill: the output from the fused SDPA kernel; each key's attention mass from a pass over
   blocks of queries that only visits keys a block can see (causal), without keeping the score
   matrix; then the one-time compression to the budget, layer by layer, so the full prompt KV of
