@@ -449,29 +449,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def num(value: float | None, digits: int, scale: float = 1.0) -> str:
+    """A figure for the table; "-" where a run did not give it (the table must not fail after the JSON)."""
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
 def print_table(figures: dict[str, Any]) -> None:
     parts = figures["parts"]
     for row in parts.get("ttft", []):
-        print(f"ttft {row['prompt_len']:6d}: vLLM plain {row['plain_vllm_ttft_ms_median']:.1f} ms, kvprof engine "
-              f"{row['kvprof_engine_vllm_ttft_ms_median']:.1f} ms, kvprof's {row['kvprof_ttft_ms_median']:.1f} ms "
-              f"(max gap {row['ttft_gap_to_vllm_ms_max']:.3f} ms)")
+        print(f"ttft {row['prompt_len']:6d}: vLLM plain {num(row['plain_vllm_ttft_ms_median'], 1)} ms, kvprof engine "
+              f"{num(row['kvprof_engine_vllm_ttft_ms_median'], 1)} ms, kvprof's {num(row['kvprof_ttft_ms_median'], 1)}"
+              f" ms (max gap {num(row['ttft_gap_to_vllm_ms_max'], 3)} ms)")
     for row in parts.get("sweep", []):
-        print(f"batch {row['batch_size']:3d}: decode {row['vllm_decode_ms_per_token_median']:.2f} ms/step, "
-              f"{row['vllm_decode_tokens_per_s']:.0f} tok/s (kvprof {row['kvprof_decode_tokens_per_s']:.0f}); e2e "
-              f"{row['kvprof_e2e_ms_median']:.0f} ms; KV peak {row['kv_device_peak_bytes'] / 2**30:.2f} GiB of "
-              f"{row['kv_cache_capacity_bytes'] / 2**30:.1f}; limit {row['bandwidth_limit_ms']:.2f} ms")
+        print(f"batch {row['batch_size']:3d}: decode {num(row['vllm_decode_ms_per_token_median'], 2)} ms/step, "
+              f"{num(row['vllm_decode_tokens_per_s'], 0)} tok/s (kvprof {num(row['kvprof_decode_tokens_per_s'], 0)}); "
+              f"e2e {num(row['kvprof_e2e_ms_median'], 0)} ms; KV peak {num(row['kv_device_peak_bytes'], 2, 2**30)} GiB "
+              f"of {num(row['kv_cache_capacity_bytes'], 1, 2**30)}; limit {num(row['bandwidth_limit_ms'], 2)} ms")
     for row in parts.get("rate", []):
-        k = row["kvprof"]
-        print(f"rate {row['rate_per_s']:5g}/s x{row['requests']}: TTFT {k['ttft_ms']['median']:.1f} / p99 "
-              f"{k['ttft_ms']['p99']:.1f} ms, ITL {k['itl_ms']['median']:.2f} / p99 {k['itl_ms']['p99']:.2f} ms, "
-              f"{row['kvprof_total_tokens_per_s']:.0f} tok/s, widest step {row['widest_step_requests']}")
+        ttft, itl = row["kvprof"]["ttft_ms"], row["kvprof"]["itl_ms"]
+        print(f"rate {row['rate_per_s']:5g}/s x{row['requests']}: TTFT {num(ttft['median'], 1)} / p99 "
+              f"{num(ttft['p99'], 1)} ms, ITL {num(itl['median'], 2)} / p99 {num(itl['p99'], 2)} ms, "
+              f"{num(row['kvprof_total_tokens_per_s'], 0)} tok/s, widest step {row['widest_step_requests']}")
     for name in ("overhead", "decode_only"):
         if name in parts:
             row = parts[name]
-            print(f"{name} batch {row['batch_size']}: decode plain {row['plain_decode_ms_per_token_median']:.2f} "
-                  f"kvprof {row['kvprof_decode_ms_per_token_median']:.2f} ms/token "
-                  f"(x{row['overhead_decode_kvprof_over_plain']:.4f}), throughput plain/kvprof "
-                  f"x{row['overhead_throughput_plain_over_kvprof']:.4f}, widest decode-only "
+            print(f"{name} batch {row['batch_size']}: decode plain {num(row['plain_decode_ms_per_token_median'], 2)} "
+                  f"kvprof {num(row['kvprof_decode_ms_per_token_median'], 2)} ms/token "
+                  f"(x{num(row['overhead_decode_kvprof_over_plain'], 4)}), throughput plain/kvprof "
+                  f"x{num(row['overhead_throughput_plain_over_kvprof'], 4)}, widest decode-only "
                   f"{row['decode_only_step_ms_widest']}")
     print(f"skipped: {figures.get('skipped')}; {figures['elapsed_s']:.0f} s", flush=True)
 
