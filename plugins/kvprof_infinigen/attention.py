@@ -60,7 +60,7 @@ class AttentionAccess:
         batch, tokens, _ = hidden_states.shape
         query = attention.q_proj(hidden_states).view(batch, tokens, -1, attention.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query, _ = self.rope(query, query, cos, sin)
+        query, _ = self.rope(query, query[:, :0], cos, sin)  # no keys: 0 heads, no kernels for them
         return query
 
     def scaling(self, layer: int) -> float:
