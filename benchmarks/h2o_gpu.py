@@ -61,6 +61,40 @@ def time_prefill_mass(device: str, batch: int, prompt_len: int, repeats: int = 3
         out[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
     out["max_rel_diff"] = float((results["torch_ms"] - results["triton_ms"]).abs().max() / results["torch_ms"].max())
     out["tiles_ms"] = time_mass_tiles(query, keys, positions, repeats)
+    out |= time_flash_lse(query, keys, positions, results["triton_ms"], repeats)
+    return out
+
+
+def time_flash_lse(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, two_kernel_mass: torch.Tensor,
+                   repeats: int) -> dict[str, Any]:
+    """The prefill attention as the fast path runs it (SDPA with GQA) against the flash kernel that
+    also returns the log-sum-exp, and the mass kernel given that lse against both kernels."""
+    from kvprof_h2o import fast
+    from kvprof_h2o.mass_kernel import triton_mass
+    from kvprof_transformers.static_cache import prefill_attention
+
+    values = torch.randn_like(keys)
+    flash = fast.flash_attention_with_lse(query, keys, values, 0.088)
+    if flash is None:
+        return {"flash_lse": "unavailable"}
+    out: dict[str, Any] = {}
+    for name, fn in (("sdpa_ms", lambda: prefill_attention(query, keys, values, 0.088, None, 0)),
+                     ("flash_with_lse_ms", lambda: fast.flash_attention_with_lse(query, keys, values, 0.088)),
+                     ("mass_given_lse_ms", lambda: triton_mass(query, keys, positions, 0.088, lse=flash[1]))):
+        times = []
+        for _ in range(repeats + 1):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        out[name] = round(statistics.median(times[1:]), 2)
+    reference = prefill_attention(query, keys, values, 0.088, None, 0)
+    out["flash_output_max_diff"] = float((flash[0].float() - reference.float()).abs().max())
+    mass = triton_mass(query, keys, positions, 0.088, lse=flash[1])
+    out["mass_given_lse_max_rel_diff"] = float((mass - two_kernel_mass).abs().max() / two_kernel_mass.max())
+    out["mass_given_lse_conserved"] = fast._mass_is_conserved(mass, positions, query.shape[1] // keys.shape[1])
     return out
 
 
@@ -226,16 +260,33 @@ def evictions(path: Path) -> dict[tuple, list[list[int]]]:
 
 
 def check_equal_evictions(loaded: Any, spec: Any, registry: Registry, prompt_len: int, out_dir: Path) -> dict[str, Any]:
+    """The eager reference against the fast engine with its Triton kernels, and against the fast
+    engine on its torch paths (the eager engine's arithmetic: bitwise the same choices expected).
+    A kernel's float32 sums in another order can break a near-tie of random weights differently,
+    and one other victim changes every later layer's input: `first_difference` says where."""
+    from kvprof_h2o import fast
+
     found = {}
-    for engine in ("eager", "static"):
-        path = out_dir / f"check-{engine}.arrow"
-        run_strategy(registry, "h2o", spec, loaded, {"engine": engine}, synthetic(prompt_len, 8, 2), path)
-        found[engine] = evictions(path)
-    eager, static = found["eager"], found["static"]
-    differing = [key for key in eager if eager[key] != static.get(key)]
-    return {"prompt_len": prompt_len, "batch_size": 2, "events_eager": len(eager), "events_static": len(static),
-            "same_keys": eager.keys() == static.keys(), "differing_events": len(differing),
-            "evicted_positions": sum(len(h) for heads in eager.values() for h in heads)}
+    for label, engine, kernels in (("eager", "eager", True), ("static", "static", True),
+                                   ("static_torch", "static", False)):
+        path = out_dir / f"check-{label}.arrow"
+        fast._TRITON_MASS["usable"] = fast._TRITON_DECODE["usable"] = kernels
+        try:
+            run_strategy(registry, "h2o", spec, loaded, {"engine": engine}, synthetic(prompt_len, 8, 2), path)
+        finally:
+            fast._TRITON_MASS["usable"] = fast._TRITON_DECODE["usable"] = True
+        found[label] = evictions(path)
+    eager = found["eager"]
+    out: dict[str, Any] = {"prompt_len": prompt_len, "batch_size": 2, "events_eager": len(eager),
+                           "evicted_positions": sum(len(h) for heads in eager.values() for h in heads)}
+    for label in ("static", "static_torch"):
+        other = found[label]
+        differing = sorted((key for key in eager if eager[key] != other.get(key)),
+                           key=lambda key: (-1 if key[1] is None else key[1], key[2], key[0]))
+        out[label] = {"events": len(other), "same_keys": eager.keys() == other.keys(),
+                      "differing_events": len(differing),
+                      "first_difference": list(differing[0]) if differing else None}
+    return out
 
 
 def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict[str, str], batch: int,

@@ -48,26 +48,58 @@ from kvprof_transformers.static_cache import prefill_attention
 _TRITON_MASS = {"usable": True}
 # The decode kernels run on CUDA tensors; "cpu": on CPU ones too (under Triton's interpreter: the tests).
 _TRITON_DECODE = {"usable": True, "cpu": False}
+_FLASH_LSE = {"usable": True, "checked": False}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
 def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-                 scaling: float) -> torch.Tensor:
+                 scaling: float, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each key of a prompt receives, summed over the real queries and the query heads
-    of its KV head: (B, Hkv, L) float32. On CUDA the two Triton kernels of `mass_kernel`; else
-    (or if they cannot be built) `torch_prefill_mass`.
+    of its KV head: (B, Hkv, L) float32. On CUDA the Triton kernels of `mass_kernel` (given each
+    query's log-sum-exp `lse` (B, Hq, L) from the flash forward, only the second); else (or if
+    they cannot be built) `torch_prefill_mass`.
 
     query (B, Hq, L, D); keys (B, Hkv, L, D) at slots = prompt indices; query_positions (B, L),
     -1 for padding (a padding key receives nothing and a padding query gives nothing).
     """
     if query.is_cuda and _TRITON_MASS["usable"]:
         try:
-            return triton_mass(query, keys, query_positions, scaling)
+            return triton_mass(query, keys, query_positions, scaling, lse=lse)
         except Exception as exc:  # noqa: BLE001 - no Triton or no compiler here: the torch pass
             _TRITON_MASS["usable"] = False
             warnings.warn(f"h2o: the Triton prefill mass kernels failed ({exc!r}); using the torch pass",
                           stacklevel=2)
     return torch_prefill_mass(query, keys, query_positions, scaling)
+
+
+def flash_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A causal, unpadded prompt's attention by SDPA's flash kernel, which also gives each
+    query's log-sum-exp: output (B, L, Hq, D) and lse (B, Hq, L) float32, so the mass kernels
+    need not compute it again. None where that kernel cannot run (then the caller does both)."""
+    if not (query.is_cuda and _TRITON_MASS["usable"] and _FLASH_LSE["usable"]):
+        return None
+    group = query.shape[1] // keys.shape[1]
+    try:
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1),
+            0.0, True, False, scale=scaling)[:2]
+    except (RuntimeError, AttributeError) as exc:  # no flash kernel for these shapes or this build
+        _FLASH_LSE["usable"] = False
+        warnings.warn(f"h2o: SDPA's flash kernel with log-sum-exp failed ({exc!r}); the mass kernels compute it",
+                      stacklevel=2)
+        return None
+    if tuple(lse.shape) != tuple(query.shape[:3]):
+        _FLASH_LSE["usable"] = False
+        return None
+    return output.transpose(1, 2), lse
+
+
+def _mass_is_conserved(mass: torch.Tensor, query_positions: torch.Tensor, group: int) -> bool:
+    """Each real query hands out one unit of attention per query head: checked once per process
+    on the flash kernel's log-sum-exp (natural log, per query head, as the kernel documents)."""
+    expected = (query_positions >= 0).sum(-1, dtype=torch.float32)[:, None] * group
+    return bool(torch.allclose(mass.sum(-1), expected.expand(mass.shape[:2]), rtol=1e-3))
 
 
 def torch_prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor, scaling: float,
@@ -220,9 +252,17 @@ class FastH2OPolicy(StaticPolicy):
 
     def _prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  scaling: float) -> torch.Tensor:
-        output = prefill_attention(query, keys, values, scaling, self.key_valid, 0)
+        flash = flash_attention_with_lse(query, keys, values, scaling) if self.key_valid is None else None
+        output = flash[0] if flash else prefill_attention(query, keys, values, scaling, self.key_valid, 0)
         start = self.runner.clock.mark()
-        mass = prefill_mass(query, keys, self.query_positions, scaling)
+        mass = prefill_mass(query, keys, self.query_positions, scaling, lse=flash[1] if flash else None)
+        if flash and not _FLASH_LSE["checked"]:
+            _FLASH_LSE["checked"] = True
+            if not _mass_is_conserved(mass, self.query_positions, query.shape[1] // keys.shape[1]):
+                _FLASH_LSE["usable"] = False
+                warnings.warn("h2o: the flash kernel's log-sum-exp is not what the mass kernel expects; "
+                              "the mass kernels compute it", stacklevel=2)
+                mass = prefill_mass(query, keys, self.query_positions, scaling)
         batch, kv_heads, length = mass.shape
         key_pos = self.query_positions[:, None, :].expand(batch, kv_heads, length)
         self._compress(layer, keys, values, key_pos, mass, held=self._real_lengths())
@@ -337,47 +377,33 @@ class FastH2OPolicy(StaticPolicy):
         stacked = torch.stack([torch.nn.functional.pad(dropped[layer], (width - dropped[layer].shape[-1], 0),
                                                        value=-1) for layer in layers])
         start, end = min(s for s, _ in times.values()), max(e for _, e in times.values())
-        self._emit(batch, None, start, end, layers, self._copy_to_host(stacked).numpy(), device_bytes)
+        self._emit(batch, None, start, end, layers, stacked, device_bytes)
 
     def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
-        victims = self._copy_to_host(self.evicted[step])  # (layers, B, H)
-        self._emit(batch, step, start_ns, end_ns, self.scored, victims.numpy()[..., None],
+        self._emit(batch, step, start_ns, end_ns, self.scored, self.evicted[step][..., None],
                    self.kv_bytes(None).device)
 
-    def _copy_to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "cuda":
-            return tensor.clone()
-        if not hasattr(self, "_copy_stream"):
-            self._copy_stream = torch.cuda.Stream(tensor.device)
-        with torch.cuda.stream(self._copy_stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._copy_stream)
-        done.synchronize()
-        return host
-
     def _emit(self, batch: Batch, step: int | None, start: int, end: int, layers: list[int],
-              dropped: np.ndarray, device_bytes: int) -> None:
-        """Evict events at the run's detail, as one batch. `dropped` (len(layers), B, H, n): each
-        (layer, row, KV head)'s dropped positions in ascending order after its -1 padding."""
+              dropped: torch.Tensor, device_bytes: int) -> None:
+        """Evict events at the run's detail, as one batch. `dropped` (len(layers), B, H, n) on the
+        device: each (layer, row, KV head)'s dropped positions in ascending order after its -1 padding."""
         detail = self.runner.detail
+        active = [row for row, ns in enumerate(batch.finished_ns) if ns is None]
+        if not active:
+            return
         if detail == "step":  # every layer, exempt ones empty: positions are layers x KV heads, layer-major
-            full = np.full((self.num_layers, *dropped.shape[1:]), -1, dtype=dropped.dtype)
+            full = dropped.new_full((self.num_layers, *dropped.shape[1:]), -1)
             full[layers] = dropped
             dropped, layers = full, list(range(self.num_layers))
-        by_row = dropped.transpose(1, 0, 2, 3)  # (B, L, H, n)
-        counts = (by_row >= 0).sum(-1)          # (B, L, H)
-        active = np.array([ns is None for ns in batch.finished_ns])
+        counts, values = self._to_host(dropped, active)  # (A, L, H) counts; the positions, in order
         lists_per_event = {"head": 1, "layer": self.kv_heads}.get(detail, self.num_layers * self.kv_heads)
-        grouped = counts.reshape(len(active), -1, lists_per_event)  # (B, events per row, lists per event)
-        chosen = (grouped.sum(-1) > 0) & active[:, None]           # (B, events per row)
-        rows, which = np.nonzero(chosen)
-        if not len(rows):
+        grouped = counts.reshape(len(active), -1, lists_per_event)  # (A, events per row, lists per event)
+        picked, which = np.nonzero(grouped.sum(-1) > 0)            # events that drop something
+        if not len(picked):
             return
-        lists = by_row.reshape(len(active), -1, lists_per_event, by_row.shape[-1])[rows, which]
-        list_counts = grouped[rows, which].reshape(-1)
-        tokens = grouped[rows, which].sum(-1)
+        rows = np.asarray(active)[picked]
+        list_counts = grouped[picked, which].reshape(-1)
+        tokens = grouped[picked, which].sum(-1)
         entry = 2 * self.head_dim * self.runner.loaded.dtype.itemsize
         ids = [request.request_id for request in batch.requests]
         ext: dict[str, Any] = {"budget_tokens": np.asarray(self.budgets, dtype=float)[rows]}
@@ -391,7 +417,8 @@ class FastH2OPolicy(StaticPolicy):
         else:
             ext["layers"] = np.full(len(rows), float(self.num_layers))
             ext["kv_heads"] = np.full(len(rows), float(self.kv_heads))
-        positions = Positions(values=lists[lists >= 0].astype(np.int32),
+        # Events that drop nothing hold no values, so the values are exactly the picked events' lists.
+        positions = Positions(values=values,
                               list_offsets=np.concatenate([[0], np.cumsum(list_counts)]).astype(np.int32),
                               event_offsets=np.arange(0, len(rows) * lists_per_event + 1, lists_per_event,
                                                       dtype=np.int32))
@@ -399,6 +426,23 @@ class FastH2OPolicy(StaticPolicy):
             Kind.EVICT, start, end, columns=columns, positions=positions,
             shared={"reason": "h2o", "step": step, "src_medium": Medium.DEVICE.value,
                     "kv_device_bytes": device_bytes}))
+
+    def _to_host(self, dropped: torch.Tensor, active: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per (active row, layer, KV head) how many positions `dropped` (L, B, H, n) holds, and
+        those positions in row, layer, head order, compacted on the device (a prefill cut at
+        batch 16 is 25M positions) on a side stream: the compute stream has later steps queued,
+        and what is read here is finished (the step's end, or the prefill's, was waited for)."""
+        def compact() -> tuple[np.ndarray, np.ndarray]:
+            by_row = dropped.permute(1, 0, 2, 3)[active]
+            held = by_row >= 0
+            return held.sum(-1).cpu().numpy(), by_row[held].to(torch.int32).cpu().numpy()
+
+        if dropped.device.type != "cuda":
+            return compact()
+        if not hasattr(self, "_copy_stream"):
+            self._copy_stream = torch.cuda.Stream(dropped.device)
+        with torch.cuda.stream(self._copy_stream):
+            return compact()
 
 
 def check_supported(model: Any) -> None:

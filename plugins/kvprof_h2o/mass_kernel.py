@@ -43,9 +43,10 @@ TILES = MassTiles()
 
 
 def triton_mass(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float,
-                tiles: MassTiles = TILES) -> torch.Tensor:
+                tiles: MassTiles = TILES, lse: torch.Tensor | None = None) -> torch.Tensor:
     """query (B, Hq, L, D), keys (B, Hkv, L, D), positions (B, L) (-1: padding) -> mass (B, Hkv, L)
-    float32; the same quantity as `fast.torch_prefill_mass`."""
+    float32; the same quantity as `fast.torch_prefill_mass`. `lse` (B, Hq, L), each query's
+    natural log-sum-exp of its scaled logits (the flash forward's), skips the first kernel."""
     import triton
 
     if not _KERNELS:
@@ -55,14 +56,18 @@ def triton_mass(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     group = q_heads // kv_heads
     query, keys = query.contiguous(), keys.contiguous()
     positions = positions.to(torch.int64).contiguous()
+    given = lse
     lse = torch.empty((batch, q_heads, length), dtype=torch.float32, device=query.device)
     mass = torch.empty((batch, kv_heads, length), dtype=torch.float32, device=query.device)
     shapes = dict(Q_HEADS=q_heads, KV_HEADS=kv_heads, DIM=dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(dim)), ROWS=triton.next_power_of_2(group * tiles.block_m),
                   num_warps=tiles.warps, num_stages=tiles.stages)
     scale = float(scaling) * LOG2E  # the kernels work in base 2 (exp2 is the fast instruction)
-    _KERNELS["lse"][(batch * kv_heads, triton.cdiv(length, tiles.block_m))](
-        query, keys, positions, lse, length, scale, **shapes)
+    if given is not None:
+        torch.mul(given, LOG2E, out=lse)
+    else:
+        _KERNELS["lse"][(batch * kv_heads, triton.cdiv(length, tiles.block_m))](
+            query, keys, positions, lse, length, scale, **shapes)
     _KERNELS["mass"][(batch * kv_heads, triton.cdiv(length, tiles.block_n))](
         query, keys, positions, lse, mass, length, scale, **shapes)
     return mass
