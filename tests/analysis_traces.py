@@ -55,6 +55,7 @@ def write_trace(path: Path, events: list[Event], run: dict[str, Any], finish: bo
         writer.close()
     else:
         writer.flush()
+        writer.wait()
         writer._file.close()
     return writer.written_path
 

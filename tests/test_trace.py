@@ -15,7 +15,7 @@ import pyarrow.feather as feather
 import pytest
 
 from kvprof import Event, Kind
-from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, partial_path, read_trace
+from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, TraceWriteError, partial_path, read_trace
 from kvprof.trace.schema import META_RUN, META_VERSION, published
 from kvprof.trace.validate import validate_trace
 
@@ -29,6 +29,8 @@ def write_events(path: Path, events: list[Event], close: bool = True, batch_rows
         writer.add(event)
     if close:
         writer.close()
+    else:
+        writer.wait()  # the flushed batches are on disk, as a killed run leaves them
     return writer
 
 
@@ -256,6 +258,32 @@ def test_a_failed_run_keeps_its_partial_name_and_the_previous_trace(tmp_path):
     assert path.read_bytes() == b"the previous trace"
     trace = read_trace(writer.partial)
     assert trace.footer == "ok" and not trace.truncated and "failed" in trace.warnings[0]
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def write(self, data: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name: str) -> object:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_write_that_fails_on_the_writing_thread_is_raised_on_the_runs_thread(tmp_path):
+    """Raised once, by the next call of the run's thread (an event, a wait, or the run's end)."""
+    for ending in ("add", "close"):
+        writer = ArrowTraceWriter(tmp_path / f"{ending}.arrow", {"strategy": "test"}, batch_rows=1)
+        writer._writer = pa.ipc.new_file(pa.BufferOutputStream(), writer.schema)
+        writer._file = FullDisk()
+        writer.add(Event(Kind.RUN_START, 0, 0, seq=0, run_id="r1"))  # flushed; its write fails over there
+        writer._pending.join()
+        with pytest.raises(TraceWriteError, match="No space left on device"):
+            if ending == "add":
+                writer.add(Event(Kind.RUN_END, 1, 1, seq=1, run_id="r1"))
+            else:
+                writer.close()
+        writer.close()  # said once: the run's end after that is quiet
 
 
 def test_published_schema_is_current():

@@ -2,7 +2,8 @@
 
 Events are buffered and written as record batches every `batch_rows` events or `flush_s`
 seconds, whichever comes first, so memory stays bounded and a run that is killed leaves a
-readable prefix: at most the batch in progress is lost. Each batch carries its CRC32. An
+readable prefix: at most the batches being written are lost (a few: they are written on a
+thread of their own, off the run's critical path). Each batch carries its CRC32. An
 `EventBatch` arrives as columns and stays columns (no Python object per event).
 
 The file is `<name>.partial.arrow` while the run goes. `run_end` writes the last batch and the
@@ -14,6 +15,8 @@ A write that fails (disk full) stops the writer and raises TraceWriteError namin
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +42,7 @@ class ArrowTraceWriter:
     """Writes every event of one run to `path` (via its partial path)."""
 
     def __init__(self, path: str | os.PathLike, run_metadata: dict[str, Any],
-                 batch_rows: int = 8192, flush_s: float = 1.0) -> None:
+                 batch_rows: int = 8192, flush_s: float = 1.0, background: bool = True) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.schema = arrow_schema(run_metadata)
@@ -51,11 +54,20 @@ class ArrowTraceWriter:
         self.rows_written = 0
         self.closed = False
         self.finished = False   # closed and renamed to `path`
+        self._failure: BaseException | None = None  # a write that failed on the writing thread
         pa.array([{"warm": 1}])  # pyarrow imports pandas on its first conversion: here, not inside a hook
         with self._reporting_errors():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = pa.OSFile(str(self.partial), "wb")
             self._writer = pa.ipc.new_file(self._file, self.schema)
+        # Checksumming and writing a batch (100 MB for an H2O prefill cut at batch 16) happen on a
+        # thread of their own, so the run's thread goes on queuing device work; a few batches at
+        # most wait there (memory stays bounded: a full queue makes `flush` wait).
+        self._pending: queue.Queue[pa.RecordBatch | None] | None = None
+        if background:
+            self._pending = queue.Queue(maxsize=4)
+            self._thread = threading.Thread(target=self._write_pending, name="kvprof-trace-writer", daemon=True)
+            self._thread.start()
 
     @property
     def written_path(self) -> Path:
@@ -64,6 +76,7 @@ class ArrowTraceWriter:
 
     def add(self, event: Event | EventBatch) -> None:
         if self.closed:
+            self._raise_failure()
             return
         self._buffer.append(event)
         self._buffered_rows += len(event) if isinstance(event, EventBatch) else 1
@@ -71,20 +84,35 @@ class ArrowTraceWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the buffered events over to be written as one record batch (see `wait`)."""
+        self._raise_failure()
         if self._buffer and not self.closed:
             batch = self._to_batch(self._buffer)
-            with self._reporting_errors():
-                self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
-                self._file.flush()
             self.rows_written += self._buffered_rows
             self._buffer, self._buffered_rows = [], 0
+            if self._pending is not None:
+                self._pending.put(batch)
+            else:
+                self._write(batch)
         self._last_flush_ns = time.monotonic_ns()
+
+    def wait(self) -> None:
+        """Return once every flushed batch is on disk (for readers of a live trace)."""
+        if self._pending is not None:
+            self._pending.join()
+        self._raise_failure()
 
     def close(self, finished: bool = True) -> None:
         """Write the last batch and the footer; if the run `finished`, move the file to `path`."""
+        if not self.closed:
+            self.flush()
+        if self._pending is not None:
+            self._pending.put(None)
+            self._thread.join()
+            self._pending = None
+        self._raise_failure()
         if self.closed:
             return
-        self.flush()
         with self._reporting_errors():
             self._writer.close()  # the end-of-stream marker and the footer
             self._file.close()
@@ -92,6 +120,32 @@ class ArrowTraceWriter:
             if finished:
                 publish(self.partial, self.path)
                 self.finished = True
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        with self._reporting_errors():
+            self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
+            self._file.flush()
+
+    def _write_pending(self) -> None:
+        """The writing thread: batches in order until None; after a failure it only drains."""
+        pending = self._pending
+        assert pending is not None
+        while True:
+            batch = pending.get()
+            try:
+                if batch is None:
+                    return
+                if self._failure is None:
+                    self._write(batch)
+            except BaseException as failure:  # noqa: BLE001 - raised on the run's thread by the next call
+                self._failure = failure
+            finally:
+                pending.task_done()
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     @contextmanager
     def _reporting_errors(self) -> Iterator[None]:

@@ -31,6 +31,8 @@ Exempt layers keep their whole cache in a full-size buffer and attend like `full
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -374,8 +376,9 @@ class FastH2OPolicy(StaticPolicy):
             return
         layers = sorted(dropped)
         width = max(d.shape[-1] for d in dropped.values())
-        stacked = torch.stack([torch.nn.functional.pad(dropped[layer], (width - dropped[layer].shape[-1], 0),
-                                                       value=-1) for layer in layers])
+        with self._side_stream():
+            stacked = torch.stack([torch.nn.functional.pad(dropped[layer], (width - dropped[layer].shape[-1], 0),
+                                                           value=-1) for layer in layers])
         start, end = min(s for s, _ in times.values()), max(e for _, e in times.values())
         self._emit(batch, None, start, end, layers, stacked, device_bytes)
 
@@ -391,11 +394,12 @@ class FastH2OPolicy(StaticPolicy):
         active = [row for row, ns in enumerate(batch.finished_ns) if ns is None]
         if not active:
             return
-        if detail == "step":  # every layer, exempt ones empty: positions are layers x KV heads, layer-major
-            full = dropped.new_full((self.num_layers, *dropped.shape[1:]), -1)
-            full[layers] = dropped
-            dropped, layers = full, list(range(self.num_layers))
-        counts, values = self._to_host(dropped, active)  # (A, L, H) counts; the positions, in order
+        with self._side_stream():
+            if detail == "step":  # every layer, exempt ones empty: positions are layers x KV heads, layer-major
+                full = dropped.new_full((self.num_layers, *dropped.shape[1:]), -1)
+                full[layers] = dropped
+                dropped, layers = full, list(range(self.num_layers))
+            counts, values = self._to_host(dropped, active)  # (A, L, H) counts; the positions, in order
         lists_per_event = {"head": 1, "layer": self.kv_heads}.get(detail, self.num_layers * self.kv_heads)
         grouped = counts.reshape(len(active), -1, lists_per_event)  # (A, events per row, lists per event)
         picked, which = np.nonzero(grouped.sum(-1) > 0)            # events that drop something
@@ -427,22 +431,34 @@ class FastH2OPolicy(StaticPolicy):
             shared={"reason": "h2o", "step": step, "src_medium": Medium.DEVICE.value,
                     "kv_device_bytes": device_bytes}))
 
-    def _to_host(self, dropped: torch.Tensor, active: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Per (active row, layer, KV head) how many positions `dropped` (L, B, H, n) holds, and
-        those positions in row, layer, head order, compacted on the device (a prefill cut at
-        batch 16 is 25M positions) on a side stream: the compute stream has later steps queued,
-        and what is read here is finished (the step's end, or the prefill's, was waited for)."""
-        def compact() -> tuple[np.ndarray, np.ndarray]:
-            by_row = dropped.permute(1, 0, 2, 3)[active]
-            held = by_row >= 0
-            return held.sum(-1).cpu().numpy(), by_row[held].to(torch.int32).cpu().numpy()
-
-        if dropped.device.type != "cuda":
-            return compact()
+    @contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        """The event path's device work goes on a side stream: the compute stream has later steps
+        queued, and what the event path reads is finished (the host waited for the step's end, or
+        for the prefill's). On the compute stream it would wait for every queued step."""
+        device = self.runner.device
+        if device.type != "cuda":
+            yield
+            return
         if not hasattr(self, "_copy_stream"):
-            self._copy_stream = torch.cuda.Stream(dropped.device)
+            self._copy_stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._copy_stream):
-            return compact()
+            yield
+
+    @staticmethod
+    def _to_host(dropped: torch.Tensor, active: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per (active row, layer, KV head) how many positions `dropped` (L, B, H, n) holds, and
+        those positions in row, layer, head order. A step's victims (n = 1) are copied whole, in
+        one wait; a prefill cut (25M positions at batch 16) is compacted on the device first."""
+        by_row = dropped.permute(1, 0, 2, 3)
+        if len(active) < by_row.shape[0]:
+            by_row = by_row[active]
+        if by_row.shape[-1] == 1:
+            host = by_row.cpu().numpy()
+            held = host >= 0
+            return held.sum(-1), host[held].astype(np.int32)
+        held = by_row >= 0
+        return held.sum(-1).cpu().numpy(), by_row[held].to(torch.int32).cpu().numpy()
 
 
 def check_supported(model: Any) -> None:
