@@ -124,7 +124,9 @@ class EventBatch:
     list or a 1-D numpy array), except `ext`, which is columns too: {key: one value per event},
     every event having every key; `positions` hold the events' position lists. A sink that implements
     `kvprof_event_batch` takes the batch whole (the trace writer turns it into Arrow columns);
-    any other sink gets `events()`, one by one, through its per-kind hook.
+    any other sink gets `events()`, one by one, through its per-kind hook. Sinks may read a
+    batch after the hook returned (the trace writer does, on its own thread): a strategy hands
+    over fresh arrays and never changes them afterwards.
     """
 
     kind: Kind

@@ -3,7 +3,8 @@
 Events are buffered and written as record batches every `batch_rows` events or `flush_s`
 seconds, whichever comes first, so memory stays bounded and a run that is killed leaves a
 readable prefix: at most the batches being written are lost (a few: they are written on a
-thread of their own, off the run's critical path). Each batch carries its CRC32. An
+thread of their own, off the run's critical path; an `EventBatch` is also turned into Arrow
+there, so the run's thread only hands it over). Each batch carries its CRC32. An
 `EventBatch` arrives as columns and stays columns (no Python object per event).
 
 The file is `<name>.partial.arrow` while the run goes. `run_end` writes the last batch and the
@@ -63,7 +64,7 @@ class ArrowTraceWriter:
         # Checksumming and writing a batch (100 MB for an H2O prefill cut at batch 16) happen on a
         # thread of their own, so the run's thread goes on queuing device work; a few batches at
         # most wait there (memory stays bounded: a full queue makes `flush` wait).
-        self._pending: queue.Queue[pa.RecordBatch | None] | None = None
+        self._pending: queue.Queue[list[pa.RecordBatch | EventBatch] | None] | None = None
         if background:
             self._pending = queue.Queue(maxsize=4)
             self._thread = threading.Thread(target=self._write_pending, name="kvprof-trace-writer", daemon=True)
@@ -84,16 +85,17 @@ class ArrowTraceWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered events over to be written as one record batch (see `wait`)."""
+        """Hand the buffered events over to be written (see `wait`): single events as a record
+        batch made here, `EventBatch`es as they are (the writing thread turns them into one)."""
         self._raise_failure()
         if self._buffer and not self.closed:
-            batch = self._to_batch(self._buffer)
+            parts = self._parts(self._buffer)
             self.rows_written += self._buffered_rows
             self._buffer, self._buffered_rows = [], 0
             if self._pending is not None:
-                self._pending.put(batch)
+                self._pending.put(parts)
             else:
-                self._write(batch)
+                self._write(parts)
         self._last_flush_ns = time.monotonic_ns()
 
     def wait(self) -> None:
@@ -121,9 +123,13 @@ class ArrowTraceWriter:
                 publish(self.partial, self.path)
                 self.finished = True
 
-    def _write(self, batch: pa.RecordBatch) -> None:
+    def _write(self, parts: list[pa.RecordBatch | EventBatch]) -> None:
+        """Each part as one record batch, in order, each with its checksum."""
+        for part in parts:
+            batch = part if isinstance(part, pa.RecordBatch) else self._columns_to_batch(part)
+            with self._reporting_errors():
+                self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
         with self._reporting_errors():
-            self._writer.write_batch(batch, custom_metadata={META_BATCH_CRC: f"{batch_checksum(batch):08x}"})
             self._file.flush()
 
     def _write_pending(self) -> None:
@@ -131,12 +137,12 @@ class ArrowTraceWriter:
         pending = self._pending
         assert pending is not None
         while True:
-            batch = pending.get()
+            parts = pending.get()
             try:
-                if batch is None:
+                if parts is None:
                     return
                 if self._failure is None:
-                    self._write(batch)
+                    self._write(parts)
             except BaseException as failure:  # noqa: BLE001 - raised on the run's thread by the next call
                 self._failure = failure
             finally:
@@ -171,9 +177,11 @@ class ArrowTraceWriter:
         except OSError:
             pass
 
-    def _to_batch(self, buffered: list[Event | EventBatch]) -> pa.RecordBatch:
-        """One record batch of the buffered events: runs of single events, then batches, in order."""
-        parts, run = [], []
+    def _parts(self, buffered: list[Event | EventBatch]) -> list[pa.RecordBatch | EventBatch]:
+        """The buffered events in order: each run of single events as one record batch (events
+        may be mutable objects of the strategy's, so they are read now), each EventBatch as is."""
+        parts: list[pa.RecordBatch | EventBatch] = []
+        run: list[Event] = []
         for item in buffered:
             if isinstance(item, Event):
                 run.append(item)
@@ -181,12 +189,10 @@ class ArrowTraceWriter:
             if run:
                 parts.append(self._events_to_batch(run))
                 run = []
-            parts.append(self._columns_to_batch(item))
+            parts.append(item)
         if run:
             parts.append(self._events_to_batch(run))
-        if len(parts) == 1:
-            return parts[0]
-        return pa.Table.from_batches(parts, schema=self.schema).combine_chunks().to_batches()[0]
+        return parts
 
     def _events_to_batch(self, events: list[Event]) -> pa.RecordBatch:
         arrays = []
@@ -271,8 +277,9 @@ def _ext_column(columns: dict[str, Any], rows: int, type: pa.DataType) -> pa.Arr
     keys = list(columns)
     items = np.stack([np.asarray(columns[key], dtype=np.float64) for key in keys], axis=-1).reshape(-1) \
         if keys else np.zeros(0)
+    names = pa.array(keys, pa.string()).take(pa.array(np.tile(np.arange(len(keys), dtype=np.int32), rows)))
     return pa.MapArray.from_arrays(pa.array(np.arange(0, rows * len(keys) + 1, len(keys), dtype=np.int32)),
-                                   pa.array(keys * rows, pa.string()), pa.array(items, pa.float64())).cast(type)
+                                   names, pa.array(items, pa.float64())).cast(type)
 
 
 def _nested_lists(positions: Positions, type: pa.DataType) -> pa.Array:
