@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,33 @@ def synthetic(prompt_len: int, output_len: int, batch_size: int = 1) -> Workload
                                                     batch_size=batch_size, num_prompts=batch_size))
 
 
+def ms_per_layer(body: Any, layers: int, repeats: int, device: str) -> float:
+    """Milliseconds per layer of `body` (all layers' work): on a GPU captured once in a CUDA graph
+    and replayed, timed with CUDA events; on a CPU timed with the host clock. The median."""
+    if device != "cuda":
+        body()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            body()
+            times.append((time.perf_counter() - started) * 1e3 / layers)
+        return statistics.median(times)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the graph
+        body()
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / layers)
+    return statistics.median(times)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_strategy, synthetic  # noqa: E402
+from common import ms_per_layer, run_strategy, synthetic  # noqa: E402
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
 from kvprof.plugins import Registry, load_plugins  # noqa: E402
@@ -217,7 +217,7 @@ def time_decode_layer(device: str, batch: int, width: int = 1640, layers: int = 
         def every_layer(path: str = path, n: int | None = n) -> None:
             for state, step_inputs in zip(states, inputs):
                 decode_layer_step(path, state, step_inputs, n)
-        out[name] = round(_graph_layer_ms(every_layer, layers, repeats), 4)
+        out[name] = round(ms_per_layer(every_layer, layers, repeats, "cuda"), 4)
     out["speedup"] = round(out["torch_ms"] / out["kernel_ms"], 2)
     out["check"] = compare_decode_paths(device, batch, width)
     return out
@@ -229,29 +229,6 @@ def _or_error(measure: Any, *args: Any) -> dict[str, Any]:
         return measure(*args)
     except Exception as exc:  # noqa: BLE001 - reported in the JSON
         return {"error": repr(exc)}
-
-
-def _graph_layer_ms(body: Any, layers: int, repeats: int) -> float:
-    """Milliseconds per layer of `body` (all layers' steps) captured once and replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the graph
-        body()
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / layers)
-    return sorted(times)[len(times) // 2]
 
 
 def evictions(path: Path) -> dict[tuple, list[list[int]]]:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from common import run_strategy, synthetic
+from common import ms_per_layer, run_strategy, synthetic
 from kvprof.models import resolve_model
 from kvprof.plugins import Registry, load_plugins
 from kvprof.trace import Trace, read_trace
@@ -466,38 +466,6 @@ def time_speculation_layer(device: str, batch: int, slots: int, layers: int = 30
         result.update(layers_equal_to_bisection=equal_bisection, layers_equal_to_torch_rule=equal_torch,
                       selected_mean=round(statistics.fmean(counts), 1))
     return result
-
-
-def ms_per_layer(body: Any, layers: int, repeats: int, device: str) -> float:
-    """Milliseconds per layer of `body` (all layers' work): on a GPU captured once in a CUDA graph
-    and replayed, timed with CUDA events; on a CPU timed with the host clock. The median."""
-    if device != "cuda":
-        body()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            body()
-            times.append((time.perf_counter() - started) * 1e3 / layers)
-        return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the graph
-        body()
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end) / layers)
-    return statistics.median(times)
 
 
 # --- runs ----------------------------------------------------------------------------------------

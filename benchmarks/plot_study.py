@@ -29,10 +29,11 @@ def series(points: list[dict[str, Any]], figure: str, x: str, y: str) -> dict[st
 
 
 def vllm_series(vllm: dict[str, Any]) -> dict[str, tuple[list, list]]:
-    parts = vllm["parts"]
-    return {"ttft": ([p["prompt_len"] for p in parts["ttft"]], [p["kvprof_ttft_ms_median"] for p in parts["ttft"]]),
-            "tput": ([p["batch_size"] for p in parts["sweep"]], [p["kvprof_decode_tokens_per_s"] for p in parts["sweep"]]),
-            "kv": ([p["batch_size"] for p in parts["sweep"]], [p["kv_device_peak_bytes"] / 2**30 for p in parts["sweep"]])}
+    ttft, sweep = vllm["parts"]["ttft"], vllm["parts"]["sweep"]
+    batches = [p["batch_size"] for p in sweep]
+    return {"ttft": ([p["prompt_len"] for p in ttft], [p["kvprof_ttft_ms_median"] for p in ttft]),
+            "tput": (batches, [p["kvprof_decode_tokens_per_s"] for p in sweep]),
+            "kv": (batches, [p["kv_device_peak_bytes"] / 2**30 for p in sweep])}
 
 
 def main() -> None:
