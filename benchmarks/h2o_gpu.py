@@ -260,9 +260,14 @@ def check_equal_evictions(loaded: Any, spec: Any, registry: Registry, prompt_len
         other = found[label]
         differing = sorted((key for key in eager if eager[key] != other.get(key)),
                            key=lambda key: (-1 if key[1] is None else key[1], key[2], key[0]))
+        # Positions in one event's lists and not the other's, per differing event: a few per event
+        # are near-ties broken the other way; most of them would be a bug.
+        swapped = [sum(len(set(a) ^ set(b)) for a, b in zip(eager[key], other.get(key) or [])) for key in differing]
         out[label] = {"events": len(other), "same_keys": eager.keys() == other.keys(),
                       "differing_events": len(differing),
-                      "first_difference": list(differing[0]) if differing else None}
+                      "first_difference": list(differing[0]) if differing else None,
+                      "positions_differing_max": max(swapped, default=0),
+                      "positions_differing_total": sum(swapped)}
     return out
 
 
