@@ -335,6 +335,9 @@ class Runner:
     """Runs a workload's requests through the model, batch by batch, under a CachePolicy."""
 
     DRAIN_LAG = 8  # the host turns a step into events this many steps after queuing it
+    # The first drain also emits the prefill's events (an H2O cut at batch 16 is 25M positions):
+    # more steps queued before it keep the device busy meanwhile.
+    FIRST_DRAIN_LAG = 2 * DRAIN_LAG
 
     def __init__(self, loaded: LoadedModel, policy: CachePolicy, profiler: Profiler,
                  detail: str = "layer", sample_every: int = 1) -> None:
@@ -613,7 +616,7 @@ class Runner:
             else:
                 self._decode_body()
             marks.append((start, clock.mark()))
-            if step - drained >= self.DRAIN_LAG or step == steps - 1:
+            if step - drained >= (self.DRAIN_LAG if drained else self.FIRST_DRAIN_LAG) or step == steps - 1:
                 batch.report_prefill()  # first: its events come before the steps'
                 while drained <= step - (0 if step == steps - 1 else self.DRAIN_LAG):
                     self._drain_step(batch, drained, marks[drained])
