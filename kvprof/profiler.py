@@ -152,6 +152,8 @@ class Profiler:
         self._closed = False
         self.started = False
         self._sinks: list[Any] = []
+        # Per kind, the plugins that get an EventBatch's events one by one (see emit_batch).
+        self._one_by_one: dict[Kind, Any] = {}
         self._hooks = {
             Kind.PREFILL: pm.hook.kvprof_prefill,
             Kind.DECODE_STEP: pm.hook.kvprof_decode_step,
@@ -171,6 +173,7 @@ class Profiler:
         self.started = True
         if self.run.sinks_enabled:
             self._attach_sinks()
+        self._one_by_one.clear()
         now = time.monotonic_ns()
         event = Event(Kind.RUN_START, now, now, seq=0, run_id=self.run.run_id)
         self.events_emitted = 1
@@ -246,8 +249,11 @@ class Profiler:
             batch.run_id = self.run.run_id
             self.events_emitted += len(batch)
             whole = self.pm.hook.kvprof_event_batch
-            takers = [impl.plugin for impl in whole.get_hookimpls()]
-            one_by_one = self.pm.subset_hook_caller(self._hooks[batch.kind].name, remove_plugins=takers)
+            one_by_one = self._one_by_one.get(batch.kind)
+            if one_by_one is None:  # the sinks are fixed once the run started: worked out once per kind
+                takers = [impl.plugin for impl in whole.get_hookimpls()]
+                one_by_one = self.pm.subset_hook_caller(self._hooks[batch.kind].name, remove_plugins=takers)
+                self._one_by_one[batch.kind] = one_by_one
             try:
                 whole(batch=batch)
                 if one_by_one.get_hookimpls():

@@ -43,7 +43,7 @@ class ArrowTraceWriter:
     """Writes every event of one run to `path` (via its partial path)."""
 
     def __init__(self, path: str | os.PathLike, run_metadata: dict[str, Any],
-                 batch_rows: int = 8192, flush_s: float = 1.0, background: bool = True) -> None:
+                 batch_rows: int = 8192, flush_s: float = 1.0) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
         self.schema = arrow_schema(run_metadata)
@@ -64,11 +64,9 @@ class ArrowTraceWriter:
         # Checksumming and writing a batch (100 MB for an H2O prefill cut at batch 16) happen on a
         # thread of their own, so the run's thread goes on queuing device work; a few batches at
         # most wait there (memory stays bounded: a full queue makes `flush` wait).
-        self._pending: queue.Queue[list[pa.RecordBatch | EventBatch] | None] | None = None
-        if background:
-            self._pending = queue.Queue(maxsize=4)
-            self._thread = threading.Thread(target=self._write_pending, name="kvprof-trace-writer", daemon=True)
-            self._thread.start()
+        self._pending: queue.Queue[list[pa.RecordBatch | EventBatch] | None] | None = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._write_pending, name="kvprof-trace-writer", daemon=True)
+        self._thread.start()
 
     @property
     def written_path(self) -> Path:
@@ -92,10 +90,8 @@ class ArrowTraceWriter:
             parts = self._parts(self._buffer)
             self.rows_written += self._buffered_rows
             self._buffer, self._buffered_rows = [], 0
-            if self._pending is not None:
-                self._pending.put(parts)
-            else:
-                self._write(parts)
+            assert self._pending is not None  # there until close(), and a closed writer takes nothing
+            self._pending.put(parts)
         self._last_flush_ns = time.monotonic_ns()
 
     def wait(self) -> None:

@@ -12,7 +12,7 @@ smaller cache saves. Here, as in flash-decoding, the slots of each (row, KV head
 2. `finish_kernel`, one program per (row, KV head): merges the chunks into the output, then
    walks the slots once more: the float32 softmax weights from the stored logits, summed over
    the group into the scores; the slot's position and score reset for the new token; and the
-   next free slot by `FastH2OPolicy._next_free`'s rule (an empty usable slot first, else the
+   next free slot by `fast.next_free`'s rule (an empty usable slot first, else the
    lowest-scoring slot outside the recent window; slots >= cap unusable; ties to the lowest
    index, as `argmin` breaks them). The victim's position (-1 if the slot was empty) goes to
    `evicted[step]`, `step` read from the device.

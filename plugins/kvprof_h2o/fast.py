@@ -31,8 +31,6 @@ Exempt layers keep their whole cache in a full-size buffer and attend like `full
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -267,7 +265,7 @@ class FastH2OPolicy(StaticPolicy):
                 mass = prefill_mass(query, keys, self.query_positions, scaling)
         batch, kv_heads, length = mass.shape
         key_pos = self.query_positions[:, None, :].expand(batch, kv_heads, length)
-        self._compress(layer, keys, values, key_pos, mass, held=self._real_lengths())
+        self._compress(layer, keys, values, key_pos, mass, held=self.chunk_tokens)
         self.prefill_spans[layer] = (start, self.runner.clock.mark())
         return output
 
@@ -304,7 +302,7 @@ class FastH2OPolicy(StaticPolicy):
         scores.zero_()
         positions[:, :, :new_len].copy_(key_pos.gather(-1, slots).masked_fill(~keep, -1))
         scores[:, :, :new_len].copy_(mass.gather(-1, slots).masked_fill(~keep, 0.0))
-        free.copy_(self._next_free(positions, scores, None))
+        free.copy_(next_free(positions, scores, None, self.recent, self.cap))
         self.held = kept
 
     def _decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -322,16 +320,10 @@ class FastH2OPolicy(StaticPolicy):
                               stacklevel=2)
         return torch_decode(*args)
 
-    def _next_free(self, positions: torch.Tensor, scores: torch.Tensor, now: torch.Tensor | None) -> torch.Tensor:
-        return next_free(positions, scores, now, self.recent, self.cap)
-
-    # --- the runner's hooks ---------------------------------------------------------------------
-
-    def _real_lengths(self) -> list[int]:
-        return self.chunk_tokens
-
     def _followup_held(self) -> list[int]:
         return [kept + n for kept, n in zip(self.held, self.chunk_tokens)]
+
+    # --- the runner's hooks ---------------------------------------------------------------------
 
     def after_chunk(self, batch: Batch, cache: Any, tokens: int) -> None:
         followup = self.filled > 0
@@ -376,7 +368,7 @@ class FastH2OPolicy(StaticPolicy):
             return
         layers = sorted(dropped)
         width = max(d.shape[-1] for d in dropped.values())
-        with self._side_stream():
+        with self.runner.drain_stream():
             stacked = torch.stack([torch.nn.functional.pad(dropped[layer], (width - dropped[layer].shape[-1], 0),
                                                            value=-1) for layer in layers])
         start, end = min(s for s, _ in times.values()), max(e for _, e in times.values())
@@ -394,7 +386,7 @@ class FastH2OPolicy(StaticPolicy):
         active = [row for row, ns in enumerate(batch.finished_ns) if ns is None]
         if not active:
             return
-        with self._side_stream():
+        with self.runner.drain_stream():
             if detail == "step":  # every layer, exempt ones empty: positions are layers x KV heads, layer-major
                 full = dropped.new_full((self.num_layers, *dropped.shape[1:]), -1)
                 full[layers] = dropped
@@ -430,20 +422,6 @@ class FastH2OPolicy(StaticPolicy):
             Kind.EVICT, start, end, columns=columns, positions=positions,
             shared={"reason": "h2o", "step": step, "src_medium": Medium.DEVICE.value,
                     "kv_device_bytes": device_bytes}))
-
-    @contextmanager
-    def _side_stream(self) -> Iterator[None]:
-        """The event path's device work goes on a side stream: the compute stream has later steps
-        queued, and what the event path reads is finished (the host waited for the step's end, or
-        for the prefill's). On the compute stream it would wait for every queued step."""
-        device = self.runner.device
-        if device.type != "cuda":
-            yield
-            return
-        if not hasattr(self, "_copy_stream"):
-            self._copy_stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(self._copy_stream):
-            yield
 
     @staticmethod
     def _to_host(dropped: torch.Tensor, active: list[int]) -> tuple[np.ndarray, np.ndarray]:

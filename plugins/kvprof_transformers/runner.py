@@ -22,7 +22,8 @@ chunk through the same cache after `after_prefill`, as a chat's next turn would 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,7 +307,8 @@ class StaticPolicy(CachePolicy):
         self.slot += 1
 
     def drain(self, batch: Batch, step: int, start_ns: int, end_ns: int) -> None:
-        """On the host, once `step` has finished on the device: emit what the policy did in it."""
+        """On the host, once `step` has finished on the device: emit what the policy did in it
+        (device work to read it back goes in `self.runner.drain_stream()`)."""
 
     def kv_bytes(self, cache: Any) -> KVBytes:
         """Occupied slots x bytes per slot (the buffers hold `slots` per row)."""
@@ -358,6 +360,8 @@ class Runner:
         self.requests: list[Request] = []
         self.batch: Batch | None = None     # the batch running now
         self.tap: AttentionTap | None = None
+        self._drain_stream: Any = None                  # see drain_stream
+        self._host_tokens: torch.Tensor | None = None   # pinned: _token_column copies into it
 
     @property
     def is_static(self) -> bool:
@@ -650,16 +654,29 @@ class Runner:
         if (step + 1) % self.sample_every == 0:
             self._sample(end)
 
+    @contextmanager
+    def drain_stream(self) -> Iterator[None]:
+        """Where a drain's device work goes (copies of a finished step's tokens, a policy's
+        records of it): a side stream. The compute stream has later steps queued, and work queued
+        there would wait for all of them; what a drain reads is finished (the host waited for the
+        step's end, or for the prefill's)."""
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._drain_stream is None:
+            self._drain_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._drain_stream):
+            yield
+
     def _token_column(self, column: int) -> torch.Tensor:
-        """One column of the device token buffer, copied on a side stream (the compute stream
-        has later steps queued: a plain `.cpu()` would wait for all of them)."""
-        if not hasattr(self, "_copy_stream"):
-            self._copy_stream = torch.cuda.Stream(self.device)
-            self._host_tokens = torch.empty(self.state.tokens.shape[0], dtype=torch.long, pin_memory=True)
-        with torch.cuda.stream(self._copy_stream):
-            self._host_tokens.copy_(self.state.tokens[:, column], non_blocking=True)
+        """One column of the device token buffer, copied to the host on the drain stream."""
+        tokens = self.state.tokens[:, column]
+        if self._host_tokens is None or self._host_tokens.shape != tokens.shape:  # a smaller last batch
+            self._host_tokens = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+        with self.drain_stream():
+            self._host_tokens.copy_(tokens, non_blocking=True)
             copied = torch.cuda.Event()
-            copied.record(self._copy_stream)
+            copied.record()
         copied.synchronize()
         return self._host_tokens
 
