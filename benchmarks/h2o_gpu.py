@@ -4,7 +4,8 @@
     python benchmarks/h2o_gpu.py OUT_DIR --smoke    # tiny model on the CPU: checks that it runs
 
 First a check on the device: the fast path evicts exactly what the eager path evicts on a fixed
-input (1024-token synthetic prompts, batch 2, 8 new tokens), compared per (request, step, layer).
+input (1024-token synthetic prompts, batch 2, 8 new tokens), compared per (request, step, layer);
+again at the end with the model in float32 (`check_in_float32`).
 Then one layer's prefill mass and one layer's decode step at Llama-3-8B's shapes, the torch path
 against the Triton kernels (and, for the decode step, the victims of both compared over 16 steps).
 Then per batch size (1 and 16): `full` and `h2o` (heavy 0.1 + recent 0.1), each after a warm-up
@@ -47,54 +48,61 @@ def time_prefill_mass(device: str, batch: int, prompt_len: int, repeats: int = 3
     keys = torch.randn(batch, 8, prompt_len, 128, device=device, dtype=torch.bfloat16, generator=g)
     positions = torch.arange(prompt_len, device=device).repeat(batch, 1)
     out: dict[str, Any] = {"batch_size": batch, "prompt_len": prompt_len}
-    results = {}
-    for name, fn in (("torch_ms", lambda: fast.torch_prefill_mass(query, keys, positions, 0.088)),
-                     ("triton_ms", lambda: triton_mass(query, keys, positions, 0.088))):
-        times = []
-        for _ in range(repeats + 1):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            results[name] = fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        out[name] = round(sorted(times[1:])[len(times[1:]) // 2], 2)
-    out["max_rel_diff"] = float((results["torch_ms"] - results["triton_ms"]).abs().max() / results["torch_ms"].max())
+    torch_mass = fast.torch_prefill_mass(query, keys, positions, 0.088)
+    triton = triton_mass(query, keys, positions, 0.088)
+    out["torch_ms"] = _median_ms(lambda: fast.torch_prefill_mass(query, keys, positions, 0.088), repeats)
+    out["triton_ms"] = _median_ms(lambda: triton_mass(query, keys, positions, 0.088), repeats)
+    out["max_rel_diff"] = float((torch_mass - triton).abs().max() / torch_mass.max())
     out["tiles_ms"] = time_mass_tiles(query, keys, positions, repeats)
-    out |= time_flash_lse(query, keys, positions, results["triton_ms"], repeats)
+    out |= time_attention_with_lse(query, keys, positions, triton, repeats)
     return out
 
 
-def time_flash_lse(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, two_kernel_mass: torch.Tensor,
+def _median_ms(fn: Any, repeats: int) -> float:
+    """Median over `repeats` CUDA-event timings of `fn`, after one untimed call."""
+    times = []
+    for _ in range(repeats + 1):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return round(statistics.median(times[1:]), 2)
+
+
+def time_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, two_kernel_mass: torch.Tensor,
                    repeats: int) -> dict[str, Any]:
-    """The prefill attention as the fast path runs it (SDPA with GQA) against the flash kernel that
-    also returns the log-sum-exp, and the mass kernel given that lse against both kernels."""
+    """The prefill attention as `full` runs it (SDPA with GQA) against each kernel that also returns
+    the log-sum-exp (`fast.LSE_KERNELS`), and the mass kernel given that lse against both kernels."""
     from kvprof_h2o import fast
     from kvprof_h2o.mass_kernel import triton_mass
     from kvprof_transformers.static_cache import prefill_attention
 
     values = torch.randn_like(keys)
-    flash = fast.flash_attention_with_lse(query, keys, values, 0.088)
-    if flash is None:
-        return {"flash_lse": "unavailable"}
-    out: dict[str, Any] = {}
-    for name, fn in (("sdpa_ms", lambda: prefill_attention(query, keys, values, 0.088, None, 0)),
-                     ("flash_with_lse_ms", lambda: fast.flash_attention_with_lse(query, keys, values, 0.088)),
-                     ("mass_given_lse_ms", lambda: triton_mass(query, keys, positions, 0.088, lse=flash[1]))):
-        times = []
-        for _ in range(repeats + 1):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        out[name] = round(statistics.median(times[1:]), 2)
     reference = prefill_attention(query, keys, values, 0.088, None, 0)
-    out["flash_output_max_diff"] = float((flash[0].float() - reference.float()).abs().max())
-    mass = triton_mass(query, keys, positions, 0.088, lse=flash[1])
-    out["mass_given_lse_max_rel_diff"] = float((mass - two_kernel_mass).abs().max() / two_kernel_mass.max())
-    out["mass_given_lse_conserved"] = fast._mass_is_conserved(mass, positions, query.shape[1] // keys.shape[1])
+    group = query.shape[1] // keys.shape[1]
+    wide_keys, wide_values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    out: dict[str, Any] = {"sdpa_ms": _median_ms(lambda: prefill_attention(query, keys, values, 0.088, None, 0),
+                                                 repeats)}
+    for name, kernel in fast.LSE_KERNELS.items():
+        try:
+            output, lse = kernel(query, wide_keys, wide_values, 0.088)
+        except Exception as exc:  # noqa: BLE001 - a kernel this build lacks: say so, go on
+            out[name] = repr(exc)[:200]
+            continue
+        lse = lse.reshape(query.shape[:3])
+        mass = triton_mass(query, keys, positions, 0.088, lse=lse)
+        out[name] = {"with_lse_ms": _median_ms(lambda k=kernel: k(query, wide_keys, wide_values, 0.088), repeats),
+                     "output_max_diff": float((output.transpose(1, 2).float() - reference.float()).abs().max()),
+                     "mass_max_rel_diff": float((mass - two_kernel_mass).abs().max() / two_kernel_mass.max()),
+                     "mass_conserved": fast._mass_is_conserved(mass, positions, group)}
+    chosen = fast.attention_with_lse(query, keys, values, 0.088)
+    if chosen is not None:
+        out["mass_given_lse_ms"] = _median_ms(lambda: triton_mass(query, keys, positions, 0.088, lse=chosen[1]),
+                                              repeats)
+    out["attention_with_lse"] = chosen[2] if chosen else None
+    out["attention_with_lse_ms"] = _median_ms(lambda: fast.attention_with_lse(query, keys, values, 0.088), repeats)
     return out
 
 
@@ -103,19 +111,12 @@ def time_mass_tiles(query: torch.Tensor, keys: torch.Tensor, positions: torch.Te
     from kvprof_h2o.mass_kernel import MassTiles, triton_mass
 
     out = {}
-    for tiles in (MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2), MassTiles(32, 128, 8, 2),
-                  MassTiles(16, 64, 4, 3), MassTiles(16, 128, 4, 2)):
-        name = f"{tiles.block_m}x{tiles.block_n}w{tiles.warps}s{tiles.stages}"
+    for tiles in (MassTiles(sum_late=False), MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2),
+                  MassTiles(32, 128, 8, 2), MassTiles(16, 64, 4, 3), MassTiles(16, 128, 4, 2),
+                  MassTiles(16, 128, 8, 3), MassTiles(32, 128, 8, 3)):
+        name = f"{tiles.block_m}x{tiles.block_n}w{tiles.warps}s{tiles.stages}{'' if tiles.sum_late else '-sum-each'}"
         try:
-            times = []
-            for _ in range(repeats + 1):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                triton_mass(query, keys, positions, 0.088, tiles)
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end))
-            out[name] = round(statistics.median(times[1:]), 2)
+            out[name] = _median_ms(lambda t=tiles: triton_mass(query, keys, positions, 0.088, t), repeats)
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit the shared memory: say so, go on
             out[name] = f"{type(exc).__name__}"
     return out
@@ -271,6 +272,19 @@ def check_equal_evictions(loaded: Any, spec: Any, registry: Registry, prompt_len
     return out
 
 
+def check_in_float32(loaded: Any, spec: Any, registry: Registry, prompt_len: int, out_dir: Path) -> dict[str, Any]:
+    """`check_equal_evictions` with the model in float32 and SDPA on its math kernel (last: the
+    model stays float32). In bfloat16 the fast engine's fused prompt attention and the eager
+    engine's own round differently, so from layer 1 on the two paths see slightly different
+    inputs; in float32 both compute the same attention to ~1e-6, and the paths must agree."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    loaded.model.float()
+    loaded.dtype = torch.float32
+    with sdpa_kernel(SDPBackend.MATH):
+        return check_equal_evictions(loaded, spec, registry, prompt_len, out_dir)
+
+
 def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict[str, str], batch: int,
             prompt_len: int, output_len: int, out_dir: Path, detail: str = "layer") -> dict[str, Any]:
     run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, 4, batch), None)  # warm-up
@@ -318,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(loaded, spec, registry, name, options, batch, prompt_len, output_len, args.out_dir, detail)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    figures["check_float32"] = check_in_float32(loaded, spec, registry, check_len, args.out_dir)
+    print(json.dumps(figures["check_float32"]), flush=True)
     (args.out_dir / "h2o.json").write_text(json.dumps(figures, indent=2) + "\n")
     print_table(figures)
     return 0
@@ -326,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(figures: dict[str, Any]) -> None:
     print(f"\n{figures['device']}  {figures['model']} ({figures['weights']}), prompt {figures['prompt_len']}, "
           f"{figures['output_len']} new tokens; check: {figures['check']}")
+    print(f"check in float32: {figures.get('check_float32')}")
     for d in figures.get("decode_layer", []):
         if "kernel_ms" in d:
             print(f"decode layer b{d['batch_size']}: torch {d['torch_ms']:.4f} ms, kernels {d['kernel_ms']:.4f} ms "

@@ -48,7 +48,6 @@ from kvprof_transformers.static_cache import prefill_attention
 _TRITON_MASS = {"usable": True}
 # The decode kernels run on CUDA tensors; "cpu": on CPU ones too (under Triton's interpreter: the tests).
 _TRITON_DECODE = {"usable": True, "cpu": False}
-_FLASH_LSE = {"usable": True, "checked": False}
 MASS_LOGITS_PER_BLOCK = 1 << 26  # logits held at once by the prefill mass pass (256 MiB in float32)
 
 
@@ -56,7 +55,7 @@ def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch
                  scaling: float, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Attention each key of a prompt receives, summed over the real queries and the query heads
     of its KV head: (B, Hkv, L) float32. On CUDA the Triton kernels of `mass_kernel` (given each
-    query's log-sum-exp `lse` (B, Hq, L) from the flash forward, only the second); else (or if
+    query's log-sum-exp `lse` (B, Hq, L) from the prompt's attention, only the second); else (or if
     they cannot be built) `torch_prefill_mass`.
 
     query (B, Hq, L, D); keys (B, Hkv, L, D) at slots = prompt indices; query_positions (B, L),
@@ -72,32 +71,58 @@ def prefill_mass(query: torch.Tensor, keys: torch.Tensor, query_positions: torch
     return torch_prefill_mass(query, keys, query_positions, scaling)
 
 
-def flash_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                             scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A causal, unpadded prompt's attention by SDPA's flash kernel, which also gives each
-    query's log-sum-exp: output (B, L, Hq, D) and lse (B, Hq, L) float32, so the mass kernels
-    need not compute it again. None where that kernel cannot run (then the caller does both)."""
-    if not (query.is_cuda and _TRITON_MASS["usable"] and _FLASH_LSE["usable"]):
+def _cudnn_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, keys, values, None, True, 0.0, True, False, scale=scaling)[:2]
+
+
+def _flash_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention(query, keys, values, 0.0, True, False,
+                                                               scale=scaling)[:2]
+
+
+# SDPA's kernels that also return each query's log-sum-exp, in the order tried: the flash kernel
+# took 28.2 ms for one Llama-3-8B layer at 8K x 16 on the H200, where plain SDPA took 13.7 ms
+# (`benchmarks/h2o_gpu.py` times each). One that fails, or whose log-sum-exp fails the
+# conservation check the first time it is used, is dropped for the rest of the process.
+LSE_KERNELS = {"cudnn": _cudnn_with_lse, "flash": _flash_with_lse}
+_LSE = {"usable": list(LSE_KERNELS), "checked": set()}
+
+
+def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """A causal, unpadded prompt's attention by one of `LSE_KERNELS`: output (B, L, Hq, D), each
+    query's natural log-sum-exp (B, Hq, L) float32, and the kernel's name; None where none runs
+    (then the mass kernels compute the log-sum-exp themselves)."""
+    if not (query.is_cuda and _TRITON_MASS["usable"]):
         return None
     group = query.shape[1] // keys.shape[1]
-    try:
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            query, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1),
-            0.0, True, False, scale=scaling)[:2]
-    except (RuntimeError, AttributeError) as exc:  # no flash kernel for these shapes or this build
-        _FLASH_LSE["usable"] = False
-        warnings.warn(f"h2o: SDPA's flash kernel with log-sum-exp failed ({exc!r}); the mass kernels compute it",
-                      stacklevel=2)
-        return None
-    if tuple(lse.shape) != tuple(query.shape[:3]):
-        _FLASH_LSE["usable"] = False
-        return None
-    return output.transpose(1, 2), lse
+    if group > 1:  # the kernels take grouped-query heads only expanded
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    for name in list(_LSE["usable"]):
+        try:
+            output, lse = LSE_KERNELS[name](query, keys, values, scaling)
+        except (RuntimeError, AttributeError) as exc:  # no such kernel for these shapes or this build
+            _drop_lse_kernel(name, f"failed ({exc!r})")
+            continue
+        if lse.numel() != query.shape[0] * query.shape[1] * query.shape[2]:
+            _drop_lse_kernel(name, f"gave a log-sum-exp of shape {tuple(lse.shape)}")
+            continue
+        return output.transpose(1, 2), lse.reshape(query.shape[:3]), name
+    return None
+
+
+def _drop_lse_kernel(name: str, why: str) -> None:
+    if name in _LSE["usable"]:
+        _LSE["usable"].remove(name)
+        warnings.warn(f"h2o: SDPA's {name} kernel with log-sum-exp {why}; trying the next", stacklevel=3)
 
 
 def _mass_is_conserved(mass: torch.Tensor, query_positions: torch.Tensor, group: int) -> bool:
     """Each real query hands out one unit of attention per query head: checked once per process
-    on the flash kernel's log-sum-exp (natural log, per query head, as the kernel documents)."""
+    and kernel on its log-sum-exp (natural log, per query head, as the kernels document)."""
     expected = (query_positions >= 0).sum(-1, dtype=torch.float32)[:, None] * group
     return bool(torch.allclose(mass.sum(-1), expected.expand(mass.shape[:2]), rtol=1e-3))
 
@@ -252,16 +277,14 @@ class FastH2OPolicy(StaticPolicy):
 
     def _prefill(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  scaling: float) -> torch.Tensor:
-        flash = flash_attention_with_lse(query, keys, values, scaling) if self.key_valid is None else None
-        output = flash[0] if flash else prefill_attention(query, keys, values, scaling, self.key_valid, 0)
+        fused = attention_with_lse(query, keys, values, scaling) if self.key_valid is None else None
+        output = fused[0] if fused else prefill_attention(query, keys, values, scaling, self.key_valid, 0)
         start = self.runner.clock.mark()
-        mass = prefill_mass(query, keys, self.query_positions, scaling, lse=flash[1] if flash else None)
-        if flash and not _FLASH_LSE["checked"]:
-            _FLASH_LSE["checked"] = True
+        mass = prefill_mass(query, keys, self.query_positions, scaling, lse=fused[1] if fused else None)
+        if fused and fused[2] not in _LSE["checked"]:
+            _LSE["checked"].add(fused[2])
             if not _mass_is_conserved(mass, self.query_positions, query.shape[1] // keys.shape[1]):
-                _FLASH_LSE["usable"] = False
-                warnings.warn("h2o: the flash kernel's log-sum-exp is not what the mass kernel expects; "
-                              "the mass kernels compute it", stacklevel=2)
+                _drop_lse_kernel(fused[2], "is not what the mass kernel expects")
                 mass = prefill_mass(query, keys, self.query_positions, scaling)
         batch, kv_heads, length = mass.shape
         key_pos = self.query_positions[:, None, :].expand(batch, kv_heads, length)

@@ -37,6 +37,9 @@ class MassTiles:
     block_n: int = 64   # keys per block
     warps: int = 4
     stages: int = 2
+    # The mass kernel adds each block's weights into a tile-shaped sum and reduces it over rows
+    # once at the end; False reduces every block (a reduction across warps per block).
+    sum_late: bool = True
 
 
 TILES = MassTiles()
@@ -61,7 +64,7 @@ def triton_mass(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     mass = torch.empty((batch, kv_heads, length), dtype=torch.float32, device=query.device)
     shapes = dict(Q_HEADS=q_heads, KV_HEADS=kv_heads, DIM=dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(dim)), ROWS=triton.next_power_of_2(group * tiles.block_m),
-                  num_warps=tiles.warps, num_stages=tiles.stages)
+                  IEEE=query.dtype == torch.float32, num_warps=tiles.warps, num_stages=tiles.stages)
     scale = float(scaling) * LOG2E  # the kernels work in base 2 (exp2 is the fast instruction)
     if given is not None:
         torch.mul(given, LOG2E, out=lse)
@@ -69,7 +72,7 @@ def triton_mass(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
         _KERNELS["lse"][(batch * kv_heads, triton.cdiv(length, tiles.block_m))](
             query, keys, positions, lse, length, scale, **shapes)
     _KERNELS["mass"][(batch * kv_heads, triton.cdiv(length, tiles.block_n))](
-        query, keys, positions, lse, mass, length, scale, **shapes)
+        query, keys, positions, lse, mass, length, scale, SUM_LATE=tiles.sum_late, **shapes)
     return mass
 
 
@@ -77,7 +80,7 @@ def _define_kernels() -> None:
     import triton
     import triton.language as tl
 
-    global _stacked_queries  # a kernel finds the functions it calls among the module's globals
+    global _stacked_queries, _logits  # a kernel finds the functions it calls among the module's globals
 
     @triton.jit
     def _stacked_queries(q_ptr, pos_ptr, row, kv_head, first, length, Q_HEADS: tl.constexpr,
@@ -97,9 +100,16 @@ def _define_kernels() -> None:
         return q, q_pos, real, row_head * length + m
 
     @triton.jit
+    def _logits(q, k, IEEE: tl.constexpr):
+        """q k^T: float32 inputs multiply in float32 (Triton would round them to tf32)."""
+        if IEEE:
+            return tl.dot(q, tl.trans(k), input_precision="ieee")
+        return tl.dot(q, tl.trans(k))
+
+    @triton.jit
     def lse_kernel(q_ptr, k_ptr, pos_ptr, lse_ptr, length, scale, Q_HEADS: tl.constexpr,
                    KV_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                   BLOCK_D: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
         row_kv = tl.program_id(0).to(tl.int64)
         row, kv_head = row_kv // KV_HEADS, row_kv % KV_HEADS
         first = tl.program_id(1) * BLOCK_M
@@ -114,7 +124,7 @@ def _define_kernels() -> None:
             k = tl.load(k_ptr + (row_kv * length + n)[:, None] * DIM + d[None, :],
                         mask=(n[:, None] < length) & (d[None, :] < DIM), other=0.0)
             k_pos = tl.load(pos_ptr + row * length + n, mask=n < length, other=-1)
-            logits = tl.dot(q, tl.trans(k)) * scale
+            logits = _logits(q, k, IEEE) * scale
             visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
             logits = tl.where(visible, logits, float("-inf"))
             new_best = tl.maximum(best, tl.max(logits, axis=1))
@@ -127,7 +137,7 @@ def _define_kernels() -> None:
     @triton.jit
     def mass_kernel(q_ptr, k_ptr, pos_ptr, lse_ptr, mass_ptr, length, scale, Q_HEADS: tl.constexpr,
                     KV_HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                    BLOCK_D: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, SUM_LATE: tl.constexpr):
         row_kv = tl.program_id(0).to(tl.int64)
         row, kv_head = row_kv // KV_HEADS, row_kv % KV_HEADS
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,15 +146,21 @@ def _define_kernels() -> None:
                     mask=(n[:, None] < length) & (d[None, :] < DIM), other=0.0)
         k_pos = tl.load(pos_ptr + row * length + n, mask=n < length, other=-1)
         acc = tl.zeros([BLOCK_N], tl.float32)
+        tile_sum = tl.zeros([ROWS, BLOCK_N], tl.float32)
         first = (tl.program_id(1) * BLOCK_N) // BLOCK_M * BLOCK_M  # causal: no query before the block
         for start in range(first, length, BLOCK_M):
             q, q_pos, real, at = _stacked_queries(q_ptr, pos_ptr, row, kv_head, start, length, Q_HEADS, KV_HEADS,
                                                  DIM, BLOCK_M, BLOCK_D, ROWS)
             lse = tl.load(lse_ptr + at, mask=real, other=float("inf"))
-            logits = tl.dot(q, tl.trans(k)) * scale
+            logits = _logits(q, k, IEEE) * scale
             visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] >= 0)
             weights = tl.where(visible, tl.exp2(logits - lse[:, None]), 0.0)
-            acc += tl.sum(weights, axis=0)
+            if SUM_LATE:
+                tile_sum += weights
+            else:
+                acc += tl.sum(weights, axis=0)
+        if SUM_LATE:
+            acc = tl.sum(tile_sum, axis=0)
         tl.store(mass_ptr + row_kv * length + n, acc, mask=n < length)
 
     _KERNELS["lse"] = lse_kernel
