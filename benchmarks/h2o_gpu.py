@@ -71,8 +71,8 @@ def _median_ms(fn: Any, repeats: int) -> float:
     return round(statistics.median(times[1:]), 2)
 
 
-def time_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, two_kernel_mass: torch.Tensor,
-                   repeats: int) -> dict[str, Any]:
+def time_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                            two_kernel_mass: torch.Tensor, repeats: int) -> dict[str, Any]:
     """The prefill attention as `full` runs it (SDPA with GQA) against each kernel that also returns
     the log-sum-exp (`fast.LSE_KERNELS`), and the mass kernel given that lse against both kernels."""
     from kvprof_h2o import fast
