@@ -24,10 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import ms_per_layer, run_strategy, synthetic  # noqa: E402
+from kvprof.analysis.summary import Events, decode_steps  # noqa: E402
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
 from kvprof.plugins import Registry, load_plugins  # noqa: E402
@@ -279,10 +281,22 @@ def check_in_float32(loaded: Any, spec: Any, registry: Registry, prompt_len: int
     inputs; in float32 both compute the same attention to ~1e-6, and the paths must agree."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from kvprof_h2o import fast
+    from kvprof_h2o.mass_kernel import triton_mass
+
     loaded.model.float()
     loaded.dtype = torch.float32
+    out: dict[str, Any] = {}
+    if loaded.device.type == "cuda":  # the mass kernels alone in float32, against the torch pass
+        g = torch.Generator("cuda").manual_seed(0)
+        query = torch.randn(2, 32, prompt_len, 128, device="cuda", generator=g)
+        keys = torch.randn(2, 8, prompt_len, 128, device="cuda", generator=g)
+        positions = torch.arange(prompt_len, device="cuda").repeat(2, 1)
+        expected = fast.torch_prefill_mass(query, keys, positions, 0.088)
+        got = triton_mass(query, keys, positions, 0.088)
+        out["mass_kernel_max_rel_diff"] = float((expected - got).abs().max() / expected.max())
     with sdpa_kernel(SDPBackend.MATH):
-        return check_equal_evictions(loaded, spec, registry, prompt_len, out_dir)
+        return out | check_equal_evictions(loaded, spec, registry, prompt_len, out_dir)
 
 
 def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict[str, str], batch: int,
@@ -291,9 +305,12 @@ def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict
     path = out_dir / f"{name}-{options.get('engine', 'static')}-b{batch}-{detail}.arrow"
     run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, output_len, batch), path,
                  detail=detail)
-    stats = trace_summary(read_trace(path))
+    trace = read_trace(path)
+    stats = trace_summary(trace)
     latency = stats["latency_ms"]
+    ends = decode_steps(Events.of(trace)).end_ns
     return {"strategy": name, "options": options, "batch_size": batch, "detail": detail,
+            "step_gaps_ms": [round(gap / 1e6, 2) for gap in np.diff(ends).tolist()],  # where a p99 comes from
             "ttft_ms_median": latency["ttft"]["median"], "itl_ms_median": latency["itl"]["median"],
             "itl_ms_p99": latency["itl"]["p99"], "kv_device_bytes_peak": stats["kv_bytes"]["device"]["peak"],
             "profiler_cost_s": stats["run"]["profiler_cost_s"],

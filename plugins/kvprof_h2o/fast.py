@@ -96,8 +96,8 @@ def attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     """A causal, unpadded prompt's attention by one of `LSE_KERNELS`: output (B, L, Hq, D), each
     query's natural log-sum-exp (B, Hq, L) float32, and the kernel's name; None where none runs
     (then the mass kernels compute the log-sum-exp themselves)."""
-    if not (query.is_cuda and _TRITON_MASS["usable"]):
-        return None
+    if not (query.is_cuda and _TRITON_MASS["usable"] and query.dtype in (torch.bfloat16, torch.float16)):
+        return None  # the kernels are half-precision only
     group = query.shape[1] // keys.shape[1]
     if group > 1:  # the kernels take grouped-query heads only expanded
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
