@@ -103,6 +103,14 @@ def time_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, positions: 
     if chosen is not None:
         out["mass_given_lse_ms"] = _median_ms(lambda: triton_mass(query, keys, positions, 0.088, lse=chosen[1]),
                                               repeats)
+    try:  # cuDNN on the grouped keys as they are (no expanded copy): its output must equal SDPA's
+        output, lse = fast.LSE_KERNELS["cudnn"](query, keys, values, 0.088)
+        out["cudnn_unexpanded"] = {
+            "output_max_diff": float((output.transpose(1, 2).float() - reference.float()).abs().max()),
+            "lse_shape": list(lse.shape),
+            "ms": _median_ms(lambda: fast.LSE_KERNELS["cudnn"](query, keys, values, 0.088), repeats)}
+    except Exception as exc:  # noqa: BLE001 - not supported: say so
+        out["cudnn_unexpanded"] = repr(exc)[:200]
     out["attention_with_lse"] = chosen[2] if chosen else None
     out["attention_with_lse_ms"] = _median_ms(lambda: fast.attention_with_lse(query, keys, values, 0.088), repeats)
     return out
