@@ -6,6 +6,7 @@
 #   part h2o        ~3 min: H2O fast vs eager check, the prefill-mass kernels, b1 and b16 (h2o_gpu.py)
 #   part infinigen  ~5 min: InfiniGen, offload (both modes, both engines) at 8K and 32K, b1 and b8
 #   part infinigen-8k ~2 min: InfiniGen and full at 8K x 1 with the checks
+#   part infinigen-spec ~2 min: speculation's cost to the step, four ways (infinigen_spec.py, 8K x 1)
 #   part study      ~2 min: Figs 1 and 4 for full, offload, h2o, infinigen on one model (study_h200.py)
 #   part events     ~20 s: the host's cost per evict event, batches against one by one (event_batch_cost.py)
 #   part weights    moves the carried parts of SmolLM2's real weights (.device/weights/) to /tmp
@@ -48,6 +49,9 @@ for part in "$@"; do
             python3 benchmarks/infinigen_gpu.py /tmp/kvprof-infinigen-8k --configs 8192x1 --runs full,infinigen \
                 > "$OUT/infinigen-8k.log" 2>&1; rc=$?
             cp /tmp/kvprof-infinigen-8k/figures.json "$OUT/infinigen-8k.json" ;;
+        infinigen-spec)
+            python3 benchmarks/infinigen_spec.py /tmp/kvprof-infinigen-spec > "$OUT/infinigen-spec.log" 2>&1; rc=$?
+            cp /tmp/kvprof-infinigen-spec/infinigen-spec.json "$OUT/" ;;
         study)
             python3 benchmarks/study_h200.py /tmp/kvprof-study > "$OUT/study.log" 2>&1; rc=$?
             cp /tmp/kvprof-study/study.json "$OUT/" ;;

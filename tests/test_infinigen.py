@@ -269,6 +269,53 @@ def test_the_fused_selection_kernels_in_the_interpreter() -> None:
     assert done.stdout.strip().startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
 
 
+def test_the_fused_speculative_query_in_the_interpreter() -> None:
+    """The speculative query's RoPE kernel (rotate_query) and the bmm of its partial skew
+    (partial_query), run by Triton's interpreter on the CPU, equal apply_rotary_pos_emb and
+    speculative_scores' einsum bit for bit, in float32 and bfloat16 (whose rounding the kernel does
+    itself), at batch 1 and 3, a head_dim that is not a power of 2, and a large angle; select_fused
+    over that strided partial query selects what it selects over the contiguous einsum result."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from transformers.models.llama.modeling_llama import apply_rotary_pos_emb\n"
+        "from kvprof_infinigen import selection as sel\n"
+        "sel._define_selection_kernels()\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for batch, kvh, group, dim in ((1, 2, 4, 16), (3, 2, 2, 24)):\n"
+        "        g = torch.Generator().manual_seed(batch)\n"
+        "        q = (torch.randn(batch, 1, kvh * group * dim, generator=g) * 3).to(dtype)\n"
+        "        angles = torch.rand(batch, 1, dim // 2, generator=g) * 4000\n"
+        "        cos, sin = (a.repeat(1, 1, 2).to(dtype) for a in (angles.cos(), angles.sin()))\n"
+        "        heads = q.view(batch, 1, -1, dim).transpose(1, 2)\n"
+        "        ref = apply_rotary_pos_emb(heads, heads[:, :0], cos, sin)[0][:, :, -1]\n"
+        "        rotated = torch.full((kvh, batch * group, dim), float('nan'), dtype=dtype)\n"
+        "        sel.rotate_query(q, cos, sin, kvh, rotated)\n"
+        "        mine = rotated.view(kvh, batch, group, dim).transpose(0, 1).reshape(batch, -1, dim)\n"
+        "        assert torch.equal(mine, ref), (dtype, batch)\n"
+        "        skew = torch.randn(kvh, dim, 5, generator=g).to(dtype)\n"
+        "        einsum = torch.einsum('bkgd,kdc->bkgc', ref.view(batch, kvh, group, dim), skew).contiguous()\n"
+        "        pq = sel.partial_query(rotated, skew, torch.empty(kvh, batch * group, 5, dtype=dtype), batch)\n"
+        "        assert torch.equal(pq, einsum) and (batch == 1 or not pq.is_contiguous()), (dtype, batch)\n"
+        "        slots, held, cap = 150, 140, 40\n"
+        "        keys = torch.randn(batch, kvh, slots, 5, generator=g).to(dtype)\n"
+        "        picks = []\n"
+        "        for query in (pq, einsum):\n"
+        "            pos, count = torch.full((batch, kvh, cap), -1), torch.zeros(1, dtype=torch.long)\n"
+        "            sel.select_fused(query, keys, 0.3, 3.0, cap, torch.tensor([held]),\n"
+        "                             torch.empty(batch * kvh, slots), torch.zeros(batch * kvh).int(), pos, count)\n"
+        "            picks.append((int(count), pos))\n"
+        "        assert picks[0][0] == picks[1][0] > 0 and torch.equal(picks[0][1], picks[1][1]), dtype\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.stdout.strip().startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def tiny4_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A model folder: tiny-llama with 4 layers (layers 2 and 3 are speculated)."""
@@ -321,6 +368,51 @@ def test_infinigen_fetches_the_selected_tokens_and_reports_them(tiny4: LoadedMod
     skews = 2 * kv_heads * head_dim * partial * 4
     assert [d["aux_device_bytes"] for d in decode] == [k + skews for k in partial_keys]
     assert [d["kv_host_bytes"] for d in decode] == [4 * (prompt + s + 1) * token_bytes for s in range(steps)]
+
+
+def test_speculation_on_the_main_stream_selects_what_the_eager_reference_selects(
+        tiny4: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark switch that moves speculation onto the compute stream (on a CPU the same
+    ops, without the side stream's input copies): the same rows at every step."""
+    from kvprof_infinigen.fast import SpeculationSwitches, StaticInfiniGenPolicy
+
+    monkeypatch.setattr(StaticInfiniGenPolicy, "switches", SpeculationSwitches(on_main_stream=True))
+    requests = build_requests(tiny4, "synthetic", prompt_len=64, output_len=4, num_prompts=2)
+    assert_fast_engine_selects_as_the_eager_one(tiny4, requests, tmp_path, calibration_tokens=64)
+
+
+def test_the_fixed_selection_ablation_fetches_one_speculation_every_step(
+        tiny4: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/infinigen_spec.py's ablation: each layer's selection is the eager rule
+    (select_tokens) over the speculative scores of the prompt's last token, made once; every step
+    fetches exactly it, and no speculation is timed."""
+    from kvprof_infinigen.fast import SpeculationSwitches, StaticInfiniGenPolicy
+
+    prompt, output = 64, 5
+    expected: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def probe(policy: StaticInfiniGenPolicy) -> None:
+        for target in policy.speculated:
+            hidden, cos, sin = policy.prompt_inputs[target - 1]
+            query = policy.access.query(target, hidden, (cos, sin))[:, :, -1]
+            scores = speculative_scores(query, policy.partial_skew[target], policy.partial_keys[target][:, :, :prompt],
+                                        policy.access.scaling(target))
+            positions, count = select_tokens(scores, policy.settings.alpha, policy.cap)
+            fixed = int(policy.fixed_counts[target])
+            assert fixed == int(count)
+            assert torch.equal(policy.fixed_positions[target][..., :fixed], positions[..., :fixed])
+            expected[target] = (fixed, positions[..., :fixed])
+
+    monkeypatch.setattr(StaticInfiniGenPolicy, "switches", SpeculationSwitches(fixed_selection=True, probe=probe))
+    requests = build_requests(tiny4, "synthetic", prompt_len=prompt, output_len=output, num_prompts=2)
+    policy = infinigen_policy(tiny4, calibration_tokens=64)
+    _, trace = run_policy(tiny4, policy, requests, tmp_path / "fixed.arrow")
+    assert sorted(expected) == [2, 3] and all(0 < count < prompt for count, _ in expected.values())
+    fetches = [e for e in offload_events(trace) if e["dst_medium"] == "device" and e["layer"] >= 2]
+    assert [(e["step"], e["layer"], e["tokens"]) for e in fetches] == [
+        (step, layer, expected[layer][0]) for step in range(output - 1) for layer in (2, 3)]
+    speculation = [p for p in trace.of_kind("phase").to_pylist() if p["phase"] == "speculation"]
+    assert speculation and all(p["end_ns"] == p["start_ns"] for p in speculation)
 
 
 @pytest.mark.parametrize("engine", ["static", "eager"])

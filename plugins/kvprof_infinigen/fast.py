@@ -30,6 +30,8 @@ transliteration of the authors' rule), which stays as the reference (`--opt engi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +47,8 @@ from kvprof_infinigen.policy import (
 )
 from kvprof_infinigen.selection import (
     fused_selection_available,
+    partial_query,
+    rotate_query,
     select_fused,
     select_within_cap,
     speculative_scores,
@@ -58,9 +62,32 @@ from kvprof_transformers.static_cache import PassThroughCache, decode_attention
 SPEC_START, SPEC_END, COUNT = 3, 4, 5  # step-log columns of a speculated layer (see StaticOffloadPolicy)
 
 
+@dataclass
+class SpeculationSwitches:
+    """Ways to run the decode step that only benchmarks/infinigen_spec.py sets (through the class
+    attribute `StaticInfiniGenPolicy.switches`), to split speculation's cost; not strategy options.
+
+    on_main_stream: speculate on the compute stream, right where layer t starts, instead of the
+        high-priority side stream (its kernels then run alone, but on the critical path).
+    fixed_selection: the ablation. Each layer's selection is speculated once, when decoding starts,
+        from the prompt's last token (that layer's attention input in the prefill), and every step
+        fetches it again: the same fetches and counts (about), no speculation work in the step.
+        The tokens are then not InfiniGen's.
+    fused_query: on a GPU, the speculative query's RoPE as one kernel and its partial skew as the
+        one bmm (`rotate_query`, `partial_query`); False: torch's ops (RoPE's five, einsum's).
+    probe: called with the policy at the end of every batch, before anything is freed.
+    """
+
+    on_main_stream: bool = False
+    fixed_selection: bool = False
+    fused_query: bool = True
+    probe: Callable[[Any], None] | None = None
+
+
 class StaticInfiniGenPolicy(StaticOffloadPolicy):
     name = "infinigen"
     FULL_FETCH_LAYERS = FULL_LAYERS
+    switches = SpeculationSwitches()
 
     def __init__(self, access: AttentionAccess, skew: Skew, settings: InfiniGenSettings,
                  graphs: bool = True) -> None:
@@ -83,6 +110,14 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         self.speculated = list(range(FULL_LAYERS, self.num_layers))
         self.partial_skew: torch.Tensor | None = None
         self.fused = fused_selection_available(device)  # GPU: scores and selection in three Triton kernels
+        self.switches = type(self).switches
+        self.fused_query = self.fused and self.switches.fused_query
+        self.fused_query_error: str | None = None
+        self.query_checked = False
+        if self.switches.fixed_selection:
+            self.prompt_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+            self.hooks += [module.register_forward_pre_hook(self._prompt_input_hook(i), with_kwargs=True)
+                           for i, module in enumerate(self.layer_modules)]
 
     def cap_for(self, slots: int) -> int:
         settings = self.settings
@@ -120,6 +155,15 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         self.positions = [torch.zeros((batch_size, self.kv_heads, cap), dtype=torch.long, device=device)
                           for _ in range(2)]
         self.counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(2)]
+        if self.switches.fixed_selection:
+            self.fixed_positions = torch.zeros((self.num_layers, batch_size, self.kv_heads, cap), dtype=torch.long,
+                                               device=device)
+            self.fixed_counts = torch.zeros((self.num_layers, 1), dtype=torch.long, device=device)
+        query_heads, dim = self.access.query_heads, self.head_dim
+        self.rotated = torch.zeros((self.kv_heads, batch_size * query_heads // self.kv_heads, dim), dtype=dtype,
+                                   device=device)
+        self.partial_queries = torch.zeros((self.kv_heads, batch_size * query_heads // self.kv_heads,
+                                            self.partial_width), dtype=dtype, device=device)
         self.scratch = torch.zeros((batch_size * self.kv_heads, slots), dtype=torch.float32, device=device)
         self.row_counts = torch.zeros(batch_size * self.kv_heads, dtype=torch.int32, device=device)
         # Rows of the gathered buffer: the first `count` are the selection, row `cap` the new token.
@@ -182,8 +226,24 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
     def layer_start(self, layer: int, kwargs: dict[str, Any]) -> None:
         super().layer_start(layer, kwargs)  # whole-layer prefetch of layer 1 at layer 0
         target = layer + 1
-        if FULL_LAYERS <= target < self.num_layers:
-            self._speculate_and_gather(target, kwargs["hidden_states"], kwargs["position_embeddings"])
+        if not FULL_LAYERS <= target < self.num_layers:
+            return
+        if self.switches.fixed_selection:
+            self._gather(target, self.fixed_positions[target], self.fixed_counts[target], _record(self._compute()))
+        elif self.switches.on_main_stream:
+            self._speculate_and_gather(target, kwargs["hidden_states"], *kwargs["position_embeddings"], None)
+        else:
+            # The side stream reads copies: what the compute stream allocates it may reuse. The
+            # hidden state alternates by parity (layer t+2 overwrites it once layer t+1's
+            # attention waited for this speculation); cos and sin are the same in every layer.
+            hidden = self._input(f"hidden{target % 2}", kwargs["hidden_states"])
+            if target == FULL_LAYERS or "cos" not in self.inputs:
+                self._input("cos", kwargs["position_embeddings"][0])
+                self._input("sin", kwargs["position_embeddings"][1])
+            self._speculate_and_gather(target, hidden, self.inputs["cos"], self.inputs["sin"], self.spec_stream)
+
+    def _compute(self) -> Any:
+        return torch.cuda.current_stream(self.runner.device) if self.cuda else None
 
     def _input(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """`value` copied (on the compute stream) into a fixed buffer the side stream reads."""
@@ -193,60 +253,121 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         buffer.copy_(value)
         return buffer
 
-    def _speculate_and_gather(self, target: int, hidden: torch.Tensor, position_embeddings: Any) -> None:
+    def _speculate_and_gather(self, target: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              stream: Any) -> None:
+        """Speculation on `stream` (None: the compute stream), stamped and logged, then the gather."""
         step, parity = self._step(), target % 2
-        hidden = self._input("hidden", hidden)
-        cos, sin = (self._input("cos", position_embeddings[0]), self._input("sin", position_embeddings[1]))
-        ready = _record(torch.cuda.current_stream(self.runner.device)) if self.cuda else None
-        with _on(self.spec_stream):
+        ready = _record(self._compute()) if stream is not None else None
+        with _on(stream):
             if ready is not None:
-                self.spec_stream.wait_event(ready)
+                stream.wait_event(ready)
             self.log.stamp(step, self._column(target, SPEC_START))
-            query = self.access.query(target, hidden, (cos, sin))[:, :, -1]
-            if self.fused:
-                self._select_fused(target, query, parity)
-            if not self.fused:
-                scores = speculative_scores(query, self.partial_skew[target], self.partial_keys[target],
-                                            self.access.scaling(target))
-                scores += self.held_mask
-                positions, count = select_within_cap(scores, self.settings.alpha, self.cap, self.slot)
-                self.positions[parity].copy_(positions)
-                self.counts[parity].copy_(count)
+            self.speculate(target, hidden, cos, sin)
             self.log.value(step, self._column(target, COUNT), self.counts[parity])
             if self.positions_log is not None:
                 self.positions_log_device[:, target].index_copy_(0, step, self.positions[parity].unsqueeze(0))
             self.log.stamp(step, self._column(target, SPEC_END))
-            selected = _record(self.spec_stream)
-        keys, values = self.rows[parity]
+            selected = _record(stream if stream is not None else self._compute())
+        self._gather(target, self.positions[parity], self.counts[parity], selected)
+
+    def _gather(self, target: int, positions: torch.Tensor, count: torch.Tensor, after: Any) -> None:
+        """The first `count` selected rows of every head into the layer's buffer, on the copy stream."""
+        step = self._step()
+        keys, values = self.rows[target % 2]
         with _on(self.copy_stream):
-            if selected is not None:
-                self.copy_stream.wait_event(selected)
+            if after is not None:
+                self.copy_stream.wait_event(after)
             self.log.stamp(step, self._column(target, 0))
-            gather_rows(self.host.device_keys[target], self.host.device_values[target], self.positions[parity],
-                        self.counts[parity], keys, values)
+            gather_rows(self.host.device_keys[target], self.host.device_values[target], positions, count, keys, values)
             self.log.stamp(step, self._column(target, 1))
             self._fetched[target] = _record(self.copy_stream)
+            if self.switches.fixed_selection:  # the count, for the events (after the event: not waited for)
+                self.log.value(step, self._column(target, COUNT), count)
 
-    def _select_fused(self, target: int, query: torch.Tensor, parity: int) -> None:
-        """`speculative_scores` + `select_within_cap` as three Triton kernels; a kernel that cannot
-        be built here (first launch: the eager warm-up before capture) turns this off for good."""
+    def speculate(self, target: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Layer `target`'s selection from the previous layer's attention input `hidden` (the new
+        token's, ``[batch, 1, hidden]``) into `positions` and `counts` of the target's parity, on the
+        current stream: its query (W_q, RoPE; skewed, cut to the partial columns), scored against
+        its partial key cache, and `select_within_cap`'s rule."""
+        parity = target % 2
+        if self.fused:
+            partial = self._partial_query(target, hidden, cos, sin)
+            try:
+                select_fused(partial, self.partial_keys[target], self.access.scaling(target), self.settings.alpha,
+                             self.cap, self.slot, self.scratch, self.row_counts, self.positions[parity],
+                             self.counts[parity])
+                return
+            except Exception:  # noqa: BLE001 - not buildable here (found in the eager warm-up): the torch path
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                self.fused = self.fused_query = False
+        query = self.access.query(target, hidden, (cos, sin))[:, :, -1]
+        scores = speculative_scores(query, self.partial_skew[target], self.partial_keys[target],
+                                    self.access.scaling(target))
+        scores += self.held_mask
+        positions, count = select_within_cap(scores, self.settings.alpha, self.cap, self.slot)
+        self.positions[parity].copy_(positions)
+        self.counts[parity].copy_(count)
+
+    def _partial_query(self, target: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``[batch, kv_heads, group, partial]``: with `fused_query`, RoPE in one kernel and the skew
+        as one bmm (checked bit for bit against torch's ops at the first eager call; a difference
+        or a failure turns it off); else the query's torch ops and `speculative_scores`' einsum."""
+        if self.fused_query:
+            try:
+                attention = self.access.modules[target]
+                fused = partial_query(rotate_query(attention.q_proj(hidden), cos, sin, self.kv_heads, self.rotated),
+                                      self.partial_skew[target], self.partial_queries, hidden.shape[0])
+                if self.query_checked or torch.cuda.is_current_stream_capturing():
+                    return fused
+                self.query_checked = True
+                reference = self._torch_partial_query(target, hidden, cos, sin)
+                if torch.equal(fused, reference):
+                    return fused
+                self.fused_query_error = "differs from torch's RoPE and einsum"
+            except Exception as exc:  # noqa: BLE001
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                self.fused_query_error = f"{type(exc).__name__}: {exc}"
+            self.fused_query = False
+        return self._torch_partial_query(target, hidden, cos, sin)
+
+    def _torch_partial_query(self, target: int, hidden: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor) -> torch.Tensor:
+        query = self.access.query(target, hidden, (cos, sin))[:, :, -1]
         batch, query_heads, dim = query.shape
         grouped = query.view(batch, self.kv_heads, query_heads // self.kv_heads, dim)
-        partial_query = torch.einsum("bkgd,kdc->bkgc", grouped, self.partial_skew[target]).contiguous()
-        try:
-            select_fused(partial_query, self.partial_keys[target], self.access.scaling(target), self.settings.alpha,
-                         self.cap, self.slot, self.scratch, self.row_counts, self.positions[parity],
-                         self.counts[parity])
-        except Exception:  # noqa: BLE001
-            if torch.cuda.is_current_stream_capturing():
-                raise
-            self.fused = False
+        return torch.einsum("bkgd,kdc->bkgc", grouped, self.partial_skew[target]).contiguous()
+
+    # --- the ablation: a selection fixed once ---------------------------------------------------------
+
+    def _prompt_input_hook(self, layer: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            if not self.decoding:  # the prompt's last token (the last chunk's is the prompt's)
+                cos, sin = kwargs["position_embeddings"]
+                self.prompt_inputs[layer] = tuple(t[:, -1:].clone() for t in (kwargs["hidden_states"], cos, sin))
+        return hook
+
+    def start_decode(self, batch: Batch) -> None:
+        super().start_decode(batch)
+        if not self.switches.fixed_selection:
+            return
+        for target in self.speculated:
+            self.speculate(target, *self.prompt_inputs[target - 1])
+            self.fixed_positions[target].copy_(self.positions[target % 2])
+            self.fixed_counts[target].copy_(self.counts[target % 2])
+
+    def finish_batch(self, batch: Batch, cache: Any) -> None:
+        if self.switches.probe is not None:
+            self.switches.probe(self)
+        super().finish_batch(batch, cache)
 
     def attend_decode(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       scaling: float) -> torch.Tensor:
         if layer < FULL_LAYERS:
             return super().attend_decode(layer, query, keys, values, scaling)
         parity = layer % 2
+        count = self.fixed_counts[layer] if self.switches.fixed_selection else self.counts[parity]
         self._wait_fetched(layer)
         rows_keys, rows_values = self.rows[parity]
         rows_keys[:, :, self.cap:].copy_(keys)
@@ -254,7 +375,7 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
         self.host.store_at(layer, self.slot, keys, values)
         partial = torch.einsum("bknd,kdc->bknc", keys, self.partial_skew[layer])
         self.partial_keys[layer].index_copy_(2, self.slot, partial)
-        visible = self.row_ids < self.counts[parity]          # selected rows and the new token
+        visible = self.row_ids < count                         # selected rows and the new token
         mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
         return decode_attention(query, rows_keys, rows_values, mask.view(1, 1, 1, -1), scaling)
 

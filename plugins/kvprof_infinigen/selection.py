@@ -124,9 +124,10 @@ def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scalin
     ``[batch, kv_heads, cap]`` and `count` (1,) (int64, preallocated; graph-safe, no host value).
 
     partial_query ``[batch, kv_heads, group, partial]`` (the model's dtype, as the eager path
-    rounds it); partial_keys ``[batch, kv_heads, slots, partial]``; slots from `held` on are not
-    scored. Kernels 1 and 2, per (batch row, KV head, block of 128 slots), so that a row's slots
-    are scored by many programs at once: the scores (accumulated in float32, rounded to the
+    rounds it; any strides of batch and KV head, e.g. `partial_query`'s [kv_heads, batch] layout);
+    partial_keys ``[batch, kv_heads, slots, partial]``; slots from `held` on are not scored.
+    Kernels 1 and 2, per (batch row, KV head, block of 128 slots), so that a row's slots are
+    scored by many programs at once: the scores (accumulated in float32, rounded to the
     model's dtype as a matmul in that dtype would, then scaled) and each query head's maximum in
     the block; then, from the blocks' maxima, the best relative score over the group per slot
     (into `scratch` ``[batch*kv_heads, slots]`` float32) and the count above -alpha, added to
@@ -142,21 +143,56 @@ def select_fused(partial_query: torch.Tensor, partial_keys: torch.Tensor, scalin
     import triton
 
     batch, kv_heads, group, width = partial_query.shape
+    if partial_query.stride(3) != 1 or partial_query.stride(2) != width:
+        raise ValueError("select_fused: each KV head's partial query must be a contiguous [group, partial]")
     slots = partial_keys.shape[2]
     rows = batch * kv_heads
     blocks = triton.cdiv(slots, SCORE_BLOCK)
-    shapes = dict(GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
+    shapes = dict(KV_HEADS=kv_heads, GROUP=group, WIDTH=width, GROUP_P=max(16, triton.next_power_of_2(group)),
                   WIDTH_P=max(16, triton.next_power_of_2(width)), BLOCK=SCORE_BLOCK)
+    strides = partial_query.stride(0), partial_query.stride(1)
     block_best = _block_best(rows, blocks, shapes["GROUP_P"], partial_keys.device)
     _KERNELS["block_max"][(rows, blocks)](partial_query, partial_keys, held, block_best, row_counts, slots,
-                                          float(scaling), BLOCKS=blocks, **shapes, num_warps=4)
+                                          float(scaling), *strides, BLOCKS=blocks, **shapes, num_warps=4)
     _KERNELS["score"][(rows, blocks)](partial_query, partial_keys, held, block_best, scratch, row_counts, slots,
-                                      float(scaling), float(alpha), BLOCKS=blocks,
+                                      float(scaling), float(alpha), *strides, BLOCKS=blocks,
                                       BLOCKS_P=triton.next_power_of_2(blocks), **shapes, num_warps=4)
     select_block = min(triton.next_power_of_2(slots), SELECT_BLOCK)
     _KERNELS["bisection_select" if bisection else "select"][(rows,)](
         scratch, row_counts, held, positions, count, rows, slots, cap,
         ROWS_P=triton.next_power_of_2(rows), BLOCK=select_block, num_warps=16 if select_block >= 4096 else 4)
+
+
+def rotate_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int,
+                 rotated: torch.Tensor) -> torch.Tensor:
+    """The speculative query's RoPE in one kernel: `apply_rotary_pos_emb`'s q*cos + rotate_half(q)*sin
+    (Llama's half rotation), rounded as torch's ops round (bit-identical to them).
+
+    query: one token's ``[batch, 1, query_heads * head_dim]`` (the q projection's output); cos, sin:
+    ``[batch, 1, head_dim]``; rotated: the output ``[kv_heads, batch * group, head_dim]`` (query
+    heads grouped by KV head, the layout `partial_query` multiplies)."""
+    batch, dim = query.shape[0], cos.shape[-1]
+    query_heads = query.shape[-1] // dim
+    if not (query.is_contiguous() and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
+            and dim % 2 == 0 and rotated.shape == (kv_heads, batch * query_heads // kv_heads, dim)):
+        raise ValueError("rotate_query: unexpected query, cos/sin or output layout")
+    import triton
+
+    _KERNELS["rope"][(batch * query_heads,)](query, cos, sin, rotated, cos.stride(0), batch, HEADS=query_heads,
+                                             GROUP=query_heads // kv_heads, DIM=dim,
+                                             DIM_P=triton.next_power_of_2(dim), num_warps=1)
+    return rotated
+
+
+def partial_query(rotated: torch.Tensor, partial_skew: torch.Tensor, out: torch.Tensor,
+                  batch: int) -> torch.Tensor:
+    """`speculative_scores`' partial query, ``einsum("bkgd,kdc->bkgc")``, as the one `torch.bmm`
+    that einsum makes of it, on `rotate_query`'s layout: rotated ``[kv_heads, batch * group, dim]``,
+    partial_skew ``[kv_heads, dim, partial]``, out ``[kv_heads, batch * group, partial]``.
+    Returns out viewed ``[batch, kv_heads, group, partial]`` (strided; `select_fused` takes it)."""
+    torch.bmm(rotated, partial_skew, out=out)
+    kv_heads, rows, width = out.shape
+    return out.view(kv_heads, batch, rows // batch, width).permute(1, 0, 2, 3)
 
 
 SCORE_BLOCK = 128     # slots per program of the score kernels: (rows x slots / 128) programs
@@ -176,4 +212,4 @@ def _define_selection_kernels() -> None:
     from kvprof_infinigen import selection_kernels as k  # imports Triton: only when a GPU asks
 
     _KERNELS.update(block_max=k.block_max_kernel, score=k.score_kernel, select=k.radix_select_kernel,
-                    bisection_select=k.bisection_select_kernel)
+                    bisection_select=k.bisection_select_kernel, rope=k.rope_query_kernel)

@@ -1,6 +1,7 @@
 """The Triton kernels of `selection.select_fused` (imported only when they are first needed).
 
 See `select_fused` for what each computes; `selection.select_within_cap` is the same rule in torch.
+`rope_query_kernel` is the speculative query's RoPE (see `selection.rotate_query`).
 `bisection_select_kernel` is the select kernel `radix_select_kernel` replaced (34 passes over a
 row instead of 5), kept as the baseline of benchmarks/infinigen_gpu.py.
 """
@@ -10,10 +11,46 @@ import triton.language as tl
 
 
 @triton.jit
-def _scores(pq, pk, row, s, held, c, g, scaling, GROUP: tl.constexpr, WIDTH: tl.constexpr):
+def _rounded(x, dtype: tl.constexpr):
+    """float32 `x` rounded to `dtype` (to nearest, ties to even, as torch rounds), as float32. For
+    bfloat16 by integer ops on the bits: Triton's interpreter truncates in `.to(tl.bfloat16)`."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def rope_query_kernel(query, cos, sin, rotated, trig_stride, batch, HEADS: tl.constexpr, GROUP: tl.constexpr,
+                      DIM: tl.constexpr, DIM_P: tl.constexpr):
+    """One (batch row, query head) of `apply_rotary_pos_emb`'s query, q*cos + rotate_half(q)*sin,
+    rounded to the query's dtype after each product and after the sum, as torch's three ops
+    round; stored at [kv_head, batch row, group member] (the layout `torch.bmm` takes)."""
+    program = tl.program_id(0)
+    row = program // HEADS
+    head = program % HEADS
+    d = tl.arange(0, DIM_P)
+    inside = d < DIM
+    half = DIM // 2
+    x = tl.load(query + program * DIM + d, mask=inside, other=0.0).to(tl.float32)
+    partner = tl.load(query + program * DIM + (d + half) % DIM, mask=inside, other=0.0).to(tl.float32)
+    turned = tl.where(d < half, -partner, partner)                 # rotate_half: cat(-x2, x1)
+    c = tl.load(cos + row * trig_stride + d, mask=inside, other=0.0).to(tl.float32)
+    s = tl.load(sin + row * trig_stride + d, mask=inside, other=0.0).to(tl.float32)
+    dtype = rotated.dtype.element_ty
+    out = _rounded(_rounded(x * c, dtype) + _rounded(turned * s, dtype), dtype).to(dtype)
+    member = (head // GROUP) * batch * GROUP + row * GROUP + head % GROUP
+    tl.store(rotated + member * DIM + d, out, mask=inside)
+
+
+@triton.jit
+def _scores(pq, pk, row, s, held, c, g, scaling, q_batch_stride, q_head_stride, KV_HEADS: tl.constexpr,
+            GROUP: tl.constexpr, WIDTH: tl.constexpr):
     """[GROUP_P, BLOCK] scaled scores of slots `s` (pk: the row's keys), -inf where a slot or a
     query head is not real."""
-    q = tl.load(pq + row * GROUP * WIDTH + g[:, None] * WIDTH + c[None, :],
+    head_query = pq + (row // KV_HEADS) * q_batch_stride + (row % KV_HEADS) * q_head_stride
+    q = tl.load(head_query + g[:, None] * WIDTH + c[None, :],
                 mask=(g[:, None] < GROUP) & (c[None, :] < WIDTH), other=0.0)
     k = tl.load(pk + s[:, None] * WIDTH + c[None, :],
                 mask=(s[:, None] < held) & (c[None, :] < WIDTH), other=0.0)
@@ -23,24 +60,25 @@ def _scores(pq, pk, row, s, held, c, g, scaling, GROUP: tl.constexpr, WIDTH: tl.
 
 
 @triton.jit
-def block_max_kernel(pq, pk, held_ptr, block_best, row_counts, slots, scaling, BLOCKS: tl.constexpr,
-                     GROUP: tl.constexpr, WIDTH: tl.constexpr, GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def block_max_kernel(pq, pk, held_ptr, block_best, row_counts, slots, scaling, q_batch_stride, q_head_stride,
+                     BLOCKS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, WIDTH: tl.constexpr,
+                     GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     g = tl.arange(0, GROUP_P)
     s = block * BLOCK + tl.arange(0, BLOCK)
     scores = _scores(pq, pk + row * slots * WIDTH, row, s, tl.load(held_ptr), tl.arange(0, WIDTH_P), g,
-                     scaling, GROUP, WIDTH)
+                     scaling, q_batch_stride, q_head_stride, KV_HEADS, GROUP, WIDTH)
     tl.store(block_best + (row * BLOCKS + block) * GROUP_P + g, tl.max(scores, axis=1))
     if block == 0:
         tl.store(row_counts + row, 0)  # score_kernel adds to it (here rather than a memset launch)
 
 
 @triton.jit
-def score_kernel(pq, pk, held_ptr, block_best, scratch, row_counts, slots, scaling, alpha,
-                 BLOCKS: tl.constexpr, BLOCKS_P: tl.constexpr, GROUP: tl.constexpr, WIDTH: tl.constexpr,
-                 GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr, BLOCK: tl.constexpr):
+def score_kernel(pq, pk, held_ptr, block_best, scratch, row_counts, slots, scaling, alpha, q_batch_stride,
+                 q_head_stride, BLOCKS: tl.constexpr, BLOCKS_P: tl.constexpr, KV_HEADS: tl.constexpr,
+                 GROUP: tl.constexpr, WIDTH: tl.constexpr, GROUP_P: tl.constexpr, WIDTH_P: tl.constexpr,
+                 BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     g = tl.arange(0, GROUP_P)
@@ -50,7 +88,8 @@ def score_kernel(pq, pk, held_ptr, block_best, scratch, row_counts, slots, scali
     best = tl.max(maxima, axis=0)                                  # each query head's maximum
     s = block * BLOCK + tl.arange(0, BLOCK)
     held = tl.load(held_ptr)
-    scores = _scores(pq, pk + row * slots * WIDTH, row, s, held, tl.arange(0, WIDTH_P), g, scaling, GROUP, WIDTH)
+    scores = _scores(pq, pk + row * slots * WIDTH, row, s, held, tl.arange(0, WIDTH_P), g, scaling, q_batch_stride,
+                     q_head_stride, KV_HEADS, GROUP, WIDTH)
     relative = tl.where(g[:, None] < GROUP, scores - best[:, None], float("-inf"))
     per_slot = tl.where(s < held, tl.max(relative, axis=0), float("-inf"))
     tl.store(scratch + row * slots + s, per_slot, mask=s < slots)
