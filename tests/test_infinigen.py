@@ -273,8 +273,9 @@ def test_the_fused_speculative_query_in_the_interpreter() -> None:
     """The speculative query's RoPE kernel (rotate_query) and the bmm of its partial skew
     (partial_query), run by Triton's interpreter on the CPU, equal apply_rotary_pos_emb and
     speculative_scores' einsum bit for bit, in float32 and bfloat16 (whose rounding the kernel does
-    itself), at batch 1 and 3, a head_dim that is not a power of 2, and a large angle; select_fused
-    over that strided partial query selects what it selects over the contiguous einsum result."""
+    itself), at batch 1 and 3 (cos/sin per row or one row for all), a head_dim that is not a power
+    of 2, and large angles; select_fused over that strided partial query selects what it selects
+    over the contiguous einsum result."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -297,6 +298,11 @@ def test_the_fused_speculative_query_in_the_interpreter() -> None:
         "        sel.rotate_query(q, cos, sin, kvh, rotated)\n"
         "        mine = rotated.view(kvh, batch, group, dim).transpose(0, 1).reshape(batch, -1, dim)\n"
         "        assert torch.equal(mine, ref), (dtype, batch)\n"
+        "        one = apply_rotary_pos_emb(heads, heads[:, :0], cos[:1], sin[:1])[0][:, :, -1]\n"
+        "        sel.rotate_query(q, cos[:1], sin[:1], kvh, rotated)  # cos/sin of one row for all\n"
+        "        mine = rotated.view(kvh, batch, group, dim).transpose(0, 1).reshape(batch, -1, dim)\n"
+        "        assert torch.equal(mine, one), (dtype, batch)\n"
+        "        sel.rotate_query(q, cos, sin, kvh, rotated)\n"
         "        skew = torch.randn(kvh, dim, 5, generator=g).to(dtype)\n"
         "        einsum = torch.einsum('bkgd,kdc->bkgc', ref.view(batch, kvh, group, dim), skew).contiguous()\n"
         "        pq = sel.partial_query(rotated, skew, torch.empty(kvh, batch * group, 5, dtype=dtype), batch)\n"

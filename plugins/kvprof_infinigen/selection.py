@@ -174,11 +174,13 @@ def rotate_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_h
     batch, dim = query.shape[0], cos.shape[-1]
     query_heads = query.shape[-1] // dim
     if not (query.is_contiguous() and cos.stride(-1) == 1 and sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0)
-            and dim % 2 == 0 and rotated.shape == (kv_heads, batch * query_heads // kv_heads, dim)):
+            and cos.shape[0] in (1, batch) and dim % 2 == 0
+            and rotated.shape == (kv_heads, batch * query_heads // kv_heads, dim)):
         raise ValueError("rotate_query: unexpected query, cos/sin or output layout")
     import triton
 
-    _KERNELS["rope"][(batch * query_heads,)](query, cos, sin, rotated, cos.stride(0), batch, HEADS=query_heads,
+    trig_stride = cos.stride(0) if cos.shape[0] == batch else 0   # one row of cos/sin for all: broadcast
+    _KERNELS["rope"][(batch * query_heads,)](query, cos, sin, rotated, trig_stride, batch, HEADS=query_heads,
                                              GROUP=query_heads // kv_heads, DIM=dim,
                                              DIM_P=triton.next_power_of_2(dim), num_warps=1)
     return rotated
