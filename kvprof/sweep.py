@@ -10,6 +10,18 @@ done exactly when its trace is complete: a resumed sweep skips those and runs ev
 again (killed, interrupted, failed, or an old trace that is truncated). Points that fail are
 reported and left out of the figures; the sweep goes on with the next.
 
+`<folder>/index.json` lists every planned run (strategy, options, workload parameters, repeat,
+trace and result file, status: done, failed with its error, or not run) with the key figures of
+its result file; it is rewritten after every run, so a killed sweep still leaves it. A failure
+that is the device (or pinned host memory) running out is marked `out_of_memory`: such a point
+is part of the figure (it does not fit), not a hole in it.
+
+Runs share one process, so the transformers strategies load the model once for all of them
+(kvprof_transformers.model_cache). Repeats of a point run back to back: a repeat right after a
+finished run of the same point skips the warm-up run (that run warmed the same shapes; the CUDA
+allocator keeps its blocks between them as it does after a warm-up), and says so in its trace's
+metadata (`warmup`).
+
 Probe workloads (passkey, facts) measure accuracy, so a point runs `PROBES_PER_POINT` prompts
 unless `num_prompts` is given; other workloads run one batch per point.
 """
@@ -18,7 +30,10 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
+import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +41,7 @@ from typing import Any
 from kvprof.analysis.results import result_path, write_result
 from kvprof.errors import UsageError
 from kvprof.plugins import load_plugins
-from kvprof.session import TraceSettings, run_trace
+from kvprof.session import TraceSettings, default_device, run_trace
 from kvprof.trace import TraceError, partial_path, read_trace
 from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
 
@@ -124,46 +139,170 @@ def unfinished_reason(path: Path) -> str | None:
 def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settings: TraceSettings,
               repeats: int = 1) -> SweepOutcome:
     """Run every point without a complete trace (a point whose run fails is reported and the
-    sweep goes on); returns the complete traces and the points left unfinished.
+    sweep goes on); returns the complete traces and the points left unfinished. Keeps
+    `<folder>/index.json` (SweepIndex) up to date after every run.
     `base_settings.display` (a LiveDisplay), when set, gets a line per run and a sweep bar."""
     folder.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(points, folder, repeats)
+    index = SweepIndex(folder, runs, workload, base_settings, repeats)
+    index.write()
     display = base_settings.display
     report = display.sweep_point_done if display is not None else print
     if display is not None:
         display.start_sweep(len(runs))
     outcome = SweepOutcome([])
-    for point, path in runs:
+    warm_point: SweepPoint | None = None  # the point whose run finished last in this process
+    for number, (point, path) in enumerate(runs):
         why = unfinished_reason(path)
         if why is None:
             report(f"sweep: {path.name} exists, skipped")
             outcome.traces.append(path)
+            index.done(number, path, existed=True)
             continue
         if path.exists():
             report(f"sweep: {path.name}: {why}; running it again")
         settings = replace(base_settings, strategy=point.strategy, options=dict(point.options),
-                           workload=WorkloadSpec(workload, point.params), trace_path=path, overwrite=True)
+                           workload=WorkloadSpec(workload, point.params), trace_path=path, overwrite=True,
+                           metadata=dict(base_settings.metadata))
+        if point == warm_point and base_settings.warmup_runs is None and warms_up(base_settings):
+            settings.warmup_runs = 0
+            settings.metadata["warmup"] = "none: the previous repeat of this point ran just before"
+        index.running(number)
+        started = time.perf_counter()
         run = run_trace(settings)
+        wall_s = time.perf_counter() - started
         if run.error is not None:
             kept = partial_path(path)
-            why = f"{type(run.error).__name__}: {run.error} (its events are in {kept.name})"
-            report(f"sweep: {path.name} failed: {why}")
-            outcome.unfinished.append((path, why))
+            error = f"{type(run.error).__name__}: {run.error}"
+            report(f"sweep: {path.name} failed: {error} (its events are in {kept.name})")
+            outcome.unfinished.append((path, f"{error} (its events are in {kept.name})"))
+            index.failed(number, error, wall_s)
+            warm_point = None
         else:
             write_result(read_trace(path), result_path(path))
             report(f"sweep: {path.name} ({run.profiler.events_emitted} events, result {result_path(path).name})")
             outcome.traces.append(path)
+            index.done(number, path, wall_s=wall_s)
+            warm_point = point
         del run
-        release_memory()
+        following = runs[number + 1][0] if number + 1 < len(runs) else None
+        release_memory(keep_allocator_cache=warm_point is not None and following == warm_point)
     return outcome
 
 
-def release_memory() -> None:
-    """Free the last run's model before the next loads: runs share one process, and a model
-    kept alive by a reference cycle (hooks, policies) would otherwise stay on the device."""
+def warms_up(settings: TraceSettings) -> bool:
+    """Whether a run gets a warm-up run by default (on CUDA; see session._warmup_runs)."""
+    return (settings.device or default_device()).startswith("cuda")
+
+
+# The figures of a result file the index keeps per run: name -> path in the result's summary.
+INDEX_FIGURES = {
+    "ttft_ms": ("latency_ms", "ttft", "median"),
+    "itl_ms_median": ("latency_ms", "itl", "median"),
+    "itl_ms_p99": ("latency_ms", "itl", "p99"),
+    "tpot_ms_median": ("latency_ms", "tpot", "median"),
+    "e2e_ms_median": ("latency_ms", "e2e", "median"),
+    "decode_ms_median": ("latency_ms", "decode", "median"),
+    "decode_tokens_per_s": ("throughput_tokens_per_s", "decode"),
+    "total_tokens_per_s": ("throughput_tokens_per_s", "total"),
+    "kv_device_peak_bytes": ("kv_bytes", "device", "peak"),
+    "kv_host_peak_bytes": ("kv_bytes", "host", "peak"),
+    "kv_aux_device_peak_bytes": ("kv_bytes", "aux_device", "peak"),
+    "memory_allocated_peak_bytes": ("memory_peak_bytes", "allocated"),
+    "memory_reserved_peak_bytes": ("memory_peak_bytes", "reserved"),
+    "profiler_cost_share": ("run", "profiler_cost_share"),
+}
+# What a failure that is memory running out says (torch's OutOfMemoryError, the strategies' own
+# checks before they allocate: "needs X GiB but the cuda has Y GiB free", pinned host memory).
+OUT_OF_MEMORY_MARKS = ("out of memory", "outofmemory", "gib free", "pinned memory")
+
+
+def is_out_of_memory(error: str) -> bool:
+    text = error.lower()
+    return any(mark in text for mark in OUT_OF_MEMORY_MARKS)
+
+
+def figures_of(result: dict[str, Any]) -> dict[str, Any]:
+    """INDEX_FIGURES of a result document (None where the run has no such figure)."""
+    figures: dict[str, Any] = {}
+    for name, keys in INDEX_FIGURES.items():
+        value: Any = result.get("summary") or {}
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        figures[name] = value
+    return figures
+
+
+class SweepIndex:
+    """`<folder>/index.json`: the sweep's runs, their status and key figures (module docstring)."""
+
+    VERSION = "1"
+
+    def __init__(self, folder: Path, runs: list[tuple[SweepPoint, Path]], workload: str,
+                 settings: TraceSettings, repeats: int) -> None:
+        self.path = folder / "index.json"
+        repeat_of: dict[SweepPoint, int] = {}
+        self.runs: list[dict[str, Any]] = []
+        for point, path in runs:
+            repeat = repeat_of[point] = repeat_of.get(point, -1) + 1
+            self.runs.append({
+                "strategy": point.strategy, "options": dict(point.options), "workload": workload,
+                "params": vars(point.params), "repeat": repeat, "trace": path.name,
+                "result": result_path(path).name, "status": "not run", "error": None, "out_of_memory": False,
+                "wall_s": None, "existed": False, "model_reused": None, "figures": None,
+            })
+        self.header = {
+            "kvprof_sweep_index_version": self.VERSION, "command": sys.argv, "folder": str(folder),
+            "model": settings.model, "weights": settings.weights, "device": settings.device, "dtype": settings.dtype,
+            "seed": settings.seed, "detail": settings.detail, "workload": workload, "repeats": repeats,
+            "planned_runs": len(runs), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def running(self, number: int) -> None:
+        """Marked before the run starts: a sweep killed during it leaves `running` in the index."""
+        self.runs[number]["status"] = "running"
+        self.write()
+
+    def done(self, number: int, trace_path: Path, wall_s: float | None = None, existed: bool = False) -> None:
+        entry = self.runs[number]
+        entry.update(status="done", error=None, out_of_memory=False)
+        if wall_s is not None:
+            entry["wall_s"] = round(wall_s, 3)
+        entry["existed"] = existed  # traced by an earlier call of the sweep
+        result = result_path(trace_path)
+        if not result.is_file():
+            write_result(read_trace(trace_path), result)
+        document = json.loads(result.read_text())
+        entry["figures"] = figures_of(document)
+        entry["model_reused"] = ((document.get("run") or {}).get("extra") or {}).get("model_reused")
+        self.write()
+
+    def failed(self, number: int, error: str, wall_s: float) -> None:
+        self.runs[number].update(status="failed", error=error[:2000], out_of_memory=is_out_of_memory(error),
+                                 wall_s=round(wall_s, 3))
+        self.write()
+
+    def write(self) -> None:
+        counts: dict[str, int] = {}
+        for entry in self.runs:
+            status = str(entry["status"])
+            counts[status] = counts.get(status, 0) + 1
+        document = {**self.header, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": counts,
+                    "runs": self.runs}
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(document, indent=1, default=str) + "\n")
+        os.replace(partial, self.path)  # a reader (or a killed sweep) never sees half of it
+
+
+def release_memory(keep_allocator_cache: bool = False) -> None:
+    """Free what the last run held (its cache, its policy; a failed run's too) before the next
+    run: runs share one process, and buffers kept alive by a reference cycle (hooks, policies)
+    would otherwise stay on the device. The model the strategies share stays loaded
+    (kvprof_transformers.model_cache). `keep_allocator_cache`: free the tensors but leave torch's
+    CUDA allocator its blocks (between repeats of one point, which need the same)."""
     gc.collect()
     torch = sys.modules.get("torch")  # the core imports no framework; use torch only if loaded
-    if torch is not None and torch.cuda.is_available():
+    if not keep_allocator_cache and torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 

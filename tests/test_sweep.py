@@ -1,5 +1,8 @@
 """`kvprof sweep`: the grid, resuming, and figures from real (tiny, random-weight) runs."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from kvprof import UsageError, WorkloadParams, cli, hookimpl
@@ -99,3 +102,62 @@ def test_a_failing_point_is_reported_and_left_out(tmp_path, capsys, monkeypatch)
     assert "sweep point crashes-p32-b1-o2.arrow did not finish: RuntimeError: boom" in err
     assert (tmp_path / "full-p32-b1-o2.arrow").exists()
     assert sweep.unfinished_reason(tmp_path / "crashes-p32-b1-o2.arrow") == "its run did not finish (a partial trace)"
+    crashed, full = json.loads((tmp_path / "index.json").read_text())["runs"]
+    assert (crashed["status"], crashed["error"], crashed["out_of_memory"]) == ("failed", "RuntimeError: boom", False)
+    assert full["status"] == "done" and full["figures"]["ttft_ms"] > 0 and full["result"] == "full-p32-b1-o2.json"
+
+
+class OutOfMemoryStrategy:
+    """Runs out of device memory, and notes what the sweep's index said while it ran."""
+
+    name = "oom"
+    options = ()
+    index_seen: list = []
+
+    def run(self, ctx):
+        import torch
+
+        index = json.loads((Path(ctx.profiler.run.trace_path).parent / "index.json").read_text())
+        OutOfMemoryStrategy.index_seen.append([run["status"] for run in index["runs"]])
+        ctx.profiler.start()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class OutOfMemoryPlugin:
+    @hookimpl
+    def kvprof_register_strategies(self, register):
+        register(OutOfMemoryStrategy)
+
+
+def test_the_index_lists_every_run_and_marks_out_of_memory_points(tmp_path, monkeypatch):
+    """index.json: every planned run with its repeat, status and figures, written before and
+    after each run (a killed sweep leaves it); a point out of memory is a failed run marked so."""
+    from kvprof import session, sweep
+    from kvprof.plugins import load_plugins
+
+    def with_oom_plugin():
+        return load_plugins(extra={"oom": OutOfMemoryPlugin()})
+
+    monkeypatch.setattr(session, "load_plugins", with_oom_plugin)
+    monkeypatch.setattr(sweep, "load_plugins", with_oom_plugin)
+    from kvprof_transformers.model_cache import MODELS
+
+    MODELS.clear()  # the first run loads the model, the second reuses it
+    OutOfMemoryStrategy.index_seen.clear()
+    args = ["sweep", "-p", "full", "-p", "oom", "--model", "tiny-llama", "--weights", "random",
+            "--prompt-len", "32", "--output-len", "2", "--repeats", "2", "-o", str(tmp_path), "--no-plots"]
+    assert cli.main(args) == 1
+    assert OutOfMemoryStrategy.index_seen == [["done", "done", "running", "not run"],
+                                             ["done", "done", "failed", "running"]]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["planned_runs"] == 4 and index["status"] == {"done": 2, "failed": 2}
+    runs = index["runs"]
+    assert [(run["strategy"], run["repeat"], run["trace"]) for run in runs] == [
+        ("full", 0, "full-p32-b1-o2-0.arrow"), ("full", 1, "full-p32-b1-o2-1.arrow"),
+        ("oom", 0, "oom-p32-b1-o2-0.arrow"), ("oom", 1, "oom-p32-b1-o2-1.arrow")]
+    assert all(run["out_of_memory"] and "CUDA out of memory" in run["error"] for run in runs[2:])
+    assert [run["model_reused"] for run in runs[:2]] == [False, True]
+    assert all(run["params"]["prompt_len"] == 32 and run["figures"]["decode_tokens_per_s"] > 0 for run in runs[:2])
+    assert cli.main(args) == 1  # resumed: the done runs are kept as such, the failed ones run again
+    resumed = json.loads((tmp_path / "index.json").read_text())["runs"]
+    assert [run["existed"] for run in resumed[:2]] == [True, True]

@@ -34,9 +34,16 @@ class TransformersStrategy(Strategy):
         return {}
 
     def run(self, ctx: RunContext) -> None:
-        from kvprof_transformers.loading import load_model
+        """Load the model, or reuse the one the last run of this process loaded (model_cache.py:
+        the run metadata says which), and run on it; afterwards the model is put back as loaded."""
+        from kvprof_transformers.model_cache import MODELS
 
-        self.run_loaded(ctx, load_model(ctx.model, ctx.device, ctx.dtype, self.attn_implementation))
+        loaded, how = MODELS.get(ctx.model, ctx.device, ctx.dtype, self.attn_implementation, ctx.seed)
+        ctx.profiler.run.extra.update(how)
+        try:
+            self.run_loaded(ctx, loaded)
+        finally:
+            MODELS.release(loaded)
 
     def run_loaded(self, ctx: RunContext, loaded: LoadedModel) -> None:
         """`run` on a model already loaded (benchmarks run several strategies on one model)."""
