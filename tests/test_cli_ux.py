@@ -109,6 +109,9 @@ def test_status_messages_reach_plugins_before_the_run_starts(tmp_path):
 
 
 def test_live_display_shows_the_stages_and_the_totals(tmp_path):
+    from kvprof_transformers.model_cache import MODELS
+
+    MODELS.clear()  # the model loads in this run (a model an earlier test loaded would be reused at once)
     console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
     with LiveDisplay(console) as display:
         outcome = run_trace(tiny_settings(tmp_path, display), load_plugins())
