@@ -11,6 +11,12 @@
 #   part events     ~20 s: the host's cost per evict event, batches against one by one (event_batch_cost.py)
 #   part weights    moves the carried parts of SmolLM2's real weights (.device/weights/) to /tmp
 #   part retention  ~5 min: joins the weight parts and runs Figure 8's grid (retention_grid.py, cuda)
+#   part sweep-8b-a .. sweep-8b-d, sweep-13b-a, sweep-13b-b   ~4-8 min each: the study's grids
+#                   (benchmarks/grids/) by `kvprof sweep`, one part per call (h200_sweeps.py --list
+#                   prints each part's grids and estimate); $OUT gets sweeps-<part>.tar.gz (each
+#                   folder's index.json and result files) and its log; call a part again while the
+#                   machine is warm to resume what its deadline cut off. `sweep-smoke-<part>`: the
+#                   same part with the tiny model on the GPU (a minute), to check before the real one.
 #
 # SmolLM2's weights (269 MB) do not fit one call (64 MiB): `sh benchmarks/h200_session.sh pack` here
 # makes .device/weights/part-* (xz, under 56 MiB each) and their checksum; carry one part per call
@@ -70,6 +76,11 @@ for part in "$@"; do
                     --traces /tmp/kvprof-retention
             done > "$OUT/retention.log" 2>&1; rc=$?
             cp benchmarks/results/h200-retention-grid.* "$OUT/" ;;
+        sweep-smoke-*)
+            python3 benchmarks/h200_sweeps.py "${part#sweep-smoke-}" --smoke --device cuda \
+                --work /tmp/kvprof-sweeps-smoke --out "$OUT/smoke"; rc=$? ;;
+        sweep-*)
+            python3 benchmarks/h200_sweeps.py "${part#sweep-}" --work /tmp/kvprof-sweeps --out "$OUT"; rc=$? ;;
         *) echo "unknown part: $part" >&2; exit 2 ;;
     esac
     echo "$part: rc=$rc"

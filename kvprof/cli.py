@@ -298,6 +298,8 @@ def _question_list(text: str) -> list[str]:
 def _add_sweep(commands: Any) -> None:
     p = commands.add_parser("sweep", help="run a grid of traces and draw the study's figures")
     p.add_argument("--plugin", "-p", action="append", required=True, help="strategy (repeatable)")
+    p.add_argument("--skip-plugin", action="append", default=[], metavar="STRATEGY",
+                   help="leave out a strategy that an earlier --plugin named (a grid's, on a machine without it)")
     p.add_argument("--model", "-m", default=EMBEDDED, help="alias, local folder or Hugging Face id")
     p.add_argument("--weights", choices=WEIGHTS, default="auto",
                    help="random: build the architecture with random weights (timing and memory only)")
@@ -348,10 +350,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     # A fixed option is a grid axis of one value: it too applies only to plugins that take it.
     option_grid = {key: [value] for key, value in parse_key_values(args.opt).items()}
     option_grid.update(sweep.parse_grid(args.opt_grid))
-    points = sweep.plan(args.plugin, base, axes, option_grid, args.workload)
+    strategies = [name for name in args.plugin if name not in args.skip_plugin]
+    if not strategies:
+        raise UsageError("--skip-plugin left no strategy to sweep")
+    points = sweep.plan(strategies, base, axes, option_grid, args.workload)
     for point in points:
         WorkloadSpec(args.workload, point.params).validate()
-    settings = TraceSettings(strategy=args.plugin[0], model=args.model, weights=args.weights, device=args.device,
+    settings = TraceSettings(strategy=strategies[0], model=args.model, weights=args.weights, device=args.device,
                              dtype=args.dtype, seed=args.seed)
     folder = Path(args.output)
     if args.dry_run:

@@ -32,6 +32,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,7 @@ from kvprof.analysis.results import result_path, write_result
 from kvprof.errors import UsageError
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, default_device, run_trace
-from kvprof.trace import TraceError, partial_path, read_trace
+from kvprof.trace import Trace, TraceError, partial_path, read_trace
 from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
 
 PROBES_PER_POINT = 20  # an accuracy from fewer prompts has an interval too wide to draw a figure from
@@ -179,10 +180,12 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
             index.failed(number, error, wall_s)
             warm_point = None
         else:
-            write_result(read_trace(path), result_path(path))
+            trace = read_trace(path)
+            write_result(trace, result_path(path))
             report(f"sweep: {path.name} ({run.profiler.events_emitted} events, result {result_path(path).name})")
             outcome.traces.append(path)
-            index.done(number, path, wall_s=wall_s)
+            index.done(number, path, wall_s=wall_s, trace=trace)
+            del trace
             warm_point = point
         del run
         following = runs[number + 1][0] if number + 1 < len(runs) else None
@@ -233,6 +236,39 @@ def figures_of(result: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
+def decode_split_ms(trace: Trace) -> dict[str, float]:
+    """The median decode step's split into phases, ms (kvprof.analysis.breakdown: speculation,
+    kv_transfer (a stall on a copy), eviction, ..., and decode_compute, the rest of the step)."""
+    from kvprof.analysis.breakdown import time_breakdown
+    from kvprof.analysis.common import Events
+
+    try:
+        per_step = time_breakdown(Events.of(trace))["per_step"]
+    except Exception:  # noqa: BLE001 - a run without decode steps has no split; the index goes on
+        return {}
+    split = {name: float(statistics.median(values)) for name, values in per_step["phases_ms"].items() if values}
+    if per_step["duration_ms"]:
+        split["step"] = float(statistics.median(per_step["duration_ms"]))
+    return split
+
+
+def gather_ms_per_step(trace: Trace) -> float | None:
+    """Copy-stream time per decode step of the fetches a speculation chose (InfiniGen's gather of
+    the selected rows, overlapped with compute: not on the critical path unless it stalls)."""
+    fetches = trace.of_kind("offload")
+    if fetches.num_rows == 0 or "ext" not in fetches.column_names:
+        return None
+    steps = set()
+    copy_ns = 0.0
+    for step, ext in zip(fetches["step"].to_pylist(), fetches["ext"].to_pylist()):
+        ext = dict(ext or ())
+        if step is not None and ext.get("speculated") == 1.0:
+            steps.add(step)
+            copy_ns += ext.get("copy_ns", 0.0)
+    decode_steps = trace.of_kind("decode_step").num_rows
+    return copy_ns / 1e6 / decode_steps if steps and decode_steps else None
+
+
 class SweepIndex:
     """`<folder>/index.json`: the sweep's runs, their status and key figures (module docstring)."""
 
@@ -263,17 +299,21 @@ class SweepIndex:
         self.runs[number]["status"] = "running"
         self.write()
 
-    def done(self, number: int, trace_path: Path, wall_s: float | None = None, existed: bool = False) -> None:
+    def done(self, number: int, trace_path: Path, wall_s: float | None = None, existed: bool = False,
+             trace: Trace | None = None) -> None:
         entry = self.runs[number]
         entry.update(status="done", error=None, out_of_memory=False)
         if wall_s is not None:
             entry["wall_s"] = round(wall_s, 3)
         entry["existed"] = existed  # traced by an earlier call of the sweep
+        trace = trace or read_trace(trace_path)
         result = result_path(trace_path)
         if not result.is_file():
-            write_result(read_trace(trace_path), result)
+            write_result(trace, result)
         document = json.loads(result.read_text())
         entry["figures"] = figures_of(document)
+        entry["figures"]["gather_ms_per_step"] = gather_ms_per_step(trace)
+        entry["decode_split_ms"] = decode_split_ms(trace)
         entry["model_reused"] = ((document.get("run") or {}).get("extra") or {}).get("model_reused")
         self.write()
 

@@ -57,12 +57,12 @@ class WeightChangingStrategy(FullStrategy):
 
 def test_a_sweep_loads_the_model_once(tmp_path):
     MODELS.clear()
-    args = ["sweep", "-p", "full", "-p", "h2o", "--model", "tiny-llama", "--weights", "random",
-            "--prompt-len", "32,48", "--output-len", "3", "-o", str(tmp_path), "--no-plots"]
+    args = ["sweep", "-p", "full", "-p", "h2o", "-p", "offload", "-p", "infinigen", "--model", "tiny-llama",
+            "--weights", "random", "--prompt-len", "32,48", "--output-len", "3", "-o", str(tmp_path), "--no-plots"]
     assert cli.main(args) == 0
     extras = [read_trace(path).run["extra"] for path in sorted(tmp_path.glob("*.arrow"))]
-    assert len(extras) == 4
-    assert sorted(extra["model_reused"] for extra in extras) == [False, True, True, True]
+    assert len(extras) == 8
+    assert sorted(extra["model_reused"] for extra in extras) == [False] + [True] * 7
     loaded_once = [extra for extra in extras if not extra["model_reused"]]
     assert loaded_once[0]["model_load_s"] > 0
     assert not any("model_restored" in extra for extra in extras)  # the built-in strategies leave nothing behind

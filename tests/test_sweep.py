@@ -161,3 +161,13 @@ def test_the_index_lists_every_run_and_marks_out_of_memory_points(tmp_path, monk
     assert cli.main(args) == 1  # resumed: the done runs are kept as such, the failed ones run again
     resumed = json.loads((tmp_path / "index.json").read_text())["runs"]
     assert [run["existed"] for run in resumed[:2]] == [True, True]
+
+
+def test_skip_plugin_leaves_out_a_strategy_a_grid_names(tmp_path, capsys):
+    args = ["sweep", "-p", "full", "-p", "h2o", "--skip-plugin", "h2o", "--model", "tiny-llama", "--weights",
+            "random", "--prompt-len", "32,48", "-o", str(tmp_path), "--dry-run"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 runs (2 points" in out and " h2o " not in out
+    assert cli.main(args + ["--skip-plugin", "full"]) != 0
+    assert "--skip-plugin left no strategy" in capsys.readouterr().err

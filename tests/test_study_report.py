@@ -1,0 +1,75 @@
+"""benchmarks/study_report.py and h200_sweeps.py on real tiny sweeps: figures from sweep folders
+with repeats and an out-of-memory point, and a study part run end to end on the CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+from kvprof import cli, hookimpl
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import h200_sweeps  # noqa: E402
+import study_report  # noqa: E402
+
+
+class OutOfMemoryStrategy:
+    name = "oom"
+    options = ()
+
+    def run(self, ctx):
+        ctx.profiler.start()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class OutOfMemoryPlugin:
+    @hookimpl
+    def kvprof_register_strategies(self, register):
+        register(OutOfMemoryStrategy)
+
+
+def test_the_report_draws_medians_with_spread_and_marks_points_out_of_memory(tmp_path, monkeypatch):
+    from kvprof import session, sweep
+    from kvprof.plugins import load_plugins
+
+    def with_oom_plugin():
+        return load_plugins(extra={"oom": OutOfMemoryPlugin()})
+
+    monkeypatch.setattr(session, "load_plugins", with_oom_plugin)
+    monkeypatch.setattr(sweep, "load_plugins", with_oom_plugin)
+    folder = tmp_path / "fig1-tiny"
+    assert cli.main(["sweep", "-p", "full", "-p", "oom", "--model", "tiny-llama", "--weights", "random",
+                     "--prompt-len", "32,48", "--output-len", "3", "--repeats", "2", "-o", str(folder),
+                     "--no-plots"]) == 1
+    assert study_report.main([str(folder), "-o", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "fig1-ttft-vs-prompt.md").read_text()
+    assert "Machine: CPU" in table
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in table.splitlines()
+            if line.startswith("| tiny-llama")}
+    assert set(rows) == {("tiny-llama", strategy, prompt) for strategy in ("full", "oom") for prompt in ("32", "48")}
+    assert "out of memory" in rows[("tiny-llama", "oom", "32")]
+    ttfts = [json.loads((folder / f"full-p32-b1-o3-{r}.json").read_text())["summary"]["latency_ms"]["ttft"]["median"]
+             for r in (0, 1)]
+    assert f"[{min(ttfts):.4g}-{max(ttfts):.4g}] n=2/2" in rows[("tiny-llama", "full", "32")]
+    assert (tmp_path / "report" / "fig1-ttft-vs-prompt.png").stat().st_size > 10_000
+    assert "| fig1 | tiny-llama | full | 4 |" in (tmp_path / "report" / "profiler-cost.md").read_text()
+
+
+def test_a_study_part_runs_end_to_end_on_the_cpu(tmp_path):
+    """The smoke form of the InfiniGen breakdown part: its grids, overrides and packing; the report
+    draws the breakdown from the packed files alone."""
+    assert h200_sweeps.main(["8b-d", "--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    with tarfile.open(tmp_path / "out" / "sweeps-8b-d.tar.gz") as archive:
+        names = archive.getnames()
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    assert "fig2-8b/index.json" in names and not any(name.endswith(".arrow") for name in names)
+    index = json.loads((tmp_path / "unpacked" / "fig2-8b" / "index.json").read_text())
+    assert index["status"] == {"done": 8} and index["model"] == "tiny-llama"  # 2 prompts x 2 batches x 2 repeats
+    assert all(run["decode_split_ms"]["step"] > 0 for run in index["runs"])
+    assert study_report.main([str(tmp_path / "unpacked" / "fig2-8b"), "-o", str(tmp_path / "report")]) == 0
+    assert "| tiny-llama | infinigen | 2 | 64 |" in (tmp_path / "report" / "fig2-infinigen-breakdown.md").read_text()
