@@ -300,7 +300,8 @@ def check_in_float32(loaded: Any, spec: Any, registry: Registry, prompt_len: int
 
 def measure(loaded: Any, spec: Any, registry: Registry, name: str, options: dict[str, str], batch: int,
             prompt_len: int, output_len: int, out_dir: Path, detail: str = "layer") -> dict[str, Any]:
-    run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, 4, batch), None)  # warm-up
+    # warm-up at the same detail: a first use of the event path's kernels stalls the device once
+    run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, 4, batch), None, detail=detail)
     path = out_dir / f"{name}-{options.get('engine', 'static')}-b{batch}-{detail}.arrow"
     run_strategy(registry, name, spec, loaded, options, synthetic(prompt_len, output_len, batch), path,
                  detail=detail)

@@ -67,11 +67,11 @@ class TransformersStrategy(Strategy):
         if budget is not None and "kv_budget" not in run.extra:
             run.extra["kv_budget"] = budget.to_dict()
         batch_size = ctx.workload.params.batch_size
-        for number in range(1, ctx.warmup_runs + 1):  # excluded from the trace: a profiler that listens to nothing
+        for number in range(1, ctx.warmup_runs + 1):  # excluded from the trace: its events go nowhere
             ctx.profiler.status(f"warm-up run {number}/{ctx.warmup_runs} (not traced)")
-            silent = Profiler(ctx.profiler.pm, run, enabled=False)
             warm_policy = self.make_policy(loaded, ctx.options)
-            Runner(loaded, warm_policy, silent, detail=ctx.detail).run(workload.requests[:batch_size], batch_size)
+            Runner(loaded, warm_policy, Profiler.for_warmup(run), detail=ctx.detail).run(
+                workload.requests[:batch_size], batch_size)
         # The trace starts once the policy has allocated its buffers and captured its graphs.
         runner = Runner(loaded, policy, ctx.profiler, detail=ctx.detail)
         runner.run(workload.requests, batch_size, on_ready=ctx.profiler.start)
