@@ -198,8 +198,9 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
     class Strategy(_KeepsItself, VllmStrategy):
         pass
 
-    # 4 requests, 2 at a time: the later ones queue, so TTFTs differ.
-    spec = WorkloadSpec("facts", WorkloadParams(prompt_len=160, output_len=12, num_prompts=4, batch_size=2))
+    # 6 requests, 3 at a time: each batch's prompts are computed in one step, and the later ones
+    # queue, so TTFTs differ.
+    spec = WorkloadSpec("facts", WorkloadParams(prompt_len=160, output_len=12, num_prompts=6, batch_size=3))
     raw_options = {"enforce_eager": "true"}
     outcome = run_trace(TraceSettings(strategy="vllm", workload=spec, options=raw_options, trace_path=Path(trace_path)),
                         strategy_cls=Strategy)
@@ -209,7 +210,8 @@ def _in_vllm_process(trace_path: str) -> dict[str, Any]:
     requests = {
         request_id: {"profiled": list(output.outputs[0].token_ids),
                      "plain": list(plain[request_id].outputs[0].token_ids),
-                     "vllm_ttft_s": output.metrics.first_token_latency}
+                     "vllm_ttft_s": output.metrics.first_token_latency,
+                     "vllm_first_token_ts": output.metrics.first_token_ts}
         for request_id, output in Strategy.last.outputs.items()
     }
     return {"requests": requests, "offload_trace": _offload_through_observer(trace_path + ".offload")}
@@ -248,7 +250,8 @@ def _offload_through_observer(trace_path: str) -> str:
                     lora_id=None, medium="CPU", lora_name=None),
         BlockRemoved(block_hashes=[5], medium="CPU"),
     ]))
-    observer.step_done(None, time.monotonic_ns(), {
+    now_ns = time.monotonic_ns()
+    observer.step_done(None, now_ns, now_ns, {
         0: EngineCoreOutputs(scheduler_stats=SchedulerStats(kv_connector_stats=stats.to_dict()))})
     observer.flush()
     profiler.end()
@@ -266,7 +269,7 @@ def vllm_child(tmp_path_factory) -> dict[str, Any]:
 
 def test_tokens_equal_plain_vllm(vllm_child):
     requests = vllm_child["requests"]
-    assert len(requests) == 4
+    assert len(requests) == 6
     for request_id, tokens in requests.items():
         assert tokens["profiled"], request_id
         assert tokens["profiled"] == tokens["plain"], request_id
@@ -276,9 +279,25 @@ def test_ttft_matches_vllm_request_metrics_within_1ms(vllm_child):
     trace = vllm_child["trace"]
     ready = first_token_ns(trace)
     arrivals = {row["request_id"]: row["start_ns"] for row in rows(trace, "request_end")}
+    assert max(row["batch_size"] for row in rows(trace, "prefill")) == 3  # three prompts computed in one step
     for request_id, tokens in vllm_child["requests"].items():
         kvprof_ttft_s = (ready[request_id] - arrivals[request_id]) / 1e9
         assert abs(kvprof_ttft_s - tokens["vllm_ttft_s"]) < 1e-3, (request_id, kvprof_ttft_s, tokens["vllm_ttft_s"])
+
+
+def test_first_token_is_stamped_after_vllm_made_it_and_before_the_caller_saw_it(vllm_child):
+    """vLLM stamps a step's tokens inside update_from_output(), after handling every request of the
+    step (RequestOutput.metrics.first_token_ts, engine-core monotonic, the clock kvprof uses), and
+    its first_token_latency when its frontend reads the step's outputs. kvprof's first token lies
+    between the two: no earlier than the token exists, whatever the batch. (The frontend side
+    compares wall-clock latencies: 0.1 ms for the start pair of the two clocks.)"""
+    trace = vllm_child["trace"]
+    ready = first_token_ns(trace)
+    arrivals = {row["request_id"]: row["start_ns"] for row in rows(trace, "request_end")}
+    for request_id, tokens in vllm_child["requests"].items():
+        assert ready[request_id] >= tokens["vllm_first_token_ts"] * 1e9, request_id
+        kvprof_ttft_s = (ready[request_id] - arrivals[request_id]) / 1e9
+        assert kvprof_ttft_s <= tokens["vllm_ttft_s"] + 1e-4, (request_id, kvprof_ttft_s, tokens["vllm_ttft_s"])
 
 
 def test_offload_events_from_the_connectors_stats(vllm_child):

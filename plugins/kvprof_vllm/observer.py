@@ -3,29 +3,36 @@
 The scheduler subclass (scheduler.py) calls a `StepObserver` at two points of an engine step:
 
     schedule() returns           -> `scheduled`:  preemptions (evict); which prompts are computed
-    update_from_output() returns -> `step_done`:  the step, which ended when update_from_output()
-                                                  was entered (the executor synchronizes with the
-                                                  device before handing the output back):
-                                                  offload, prefill (per request), decode_step and
-                                                  a KV usage sample
+    update_from_output() returns -> `step_done`:  the step: offload, prefill (per request),
+                                                  decode_step and a KV usage sample
 and, inside update_from_output(), vLLM publishes the step's KV-cache events through the publisher
 the observer wraps (`kv_events`): prefix-cache evictions (evict) and CPU-tier stores.
 
 A step's evict and offload events are recorded before its prefill and decode_step events, as
-kvprof's event order has it. The observer only records inside the engine step; the run delivers
-the events to the sinks (`flush`) after each LLMEngine.step() returns, so no sink work lands
-between vLLM's own timestamps (its first-token and iteration times) and kvprof's.
+kvprof's event order has it. Inside the engine step the observer only takes timestamps and keeps
+what vLLM handed it (the KV-event batch, the step's record); it turns them into events, and the
+run delivers those to the sinks, in `flush`, after each LLMEngine.step() returns. So neither
+kvprof's bookkeeping nor sink work lands inside vLLM's step, where it would delay vLLM's own
+timestamps (its first-token and iteration times) and the tokens themselves. (A 2K x 64 prefill
+publishes 8,192 block hashes: converting them in the step took milliseconds.)
 
 Timing rules:
 
-* A step runs from the end of its schedule() to the start of its update_from_output(). With async
-  scheduling (vLLM's GPU default) the next step is scheduled while this one runs, so a step starts
-  no earlier than the previous step ended: [max(schedule end, previous end), end].
+* A step ends when update_from_output() returns: vLLM has turned the device's results into the
+  step's outputs (each request's new tokens) and stamped them inside that call (its
+  EngineCoreOutputs timestamp, RequestOutput.metrics' first_token_ts and last_token_ts). The
+  executor synchronized with the device before update_from_output() was entered, so the end is
+  after the step's device work too; ext["output_ns"] is the host time vLLM took between the two
+  (per request, so it grows with the batch: ending the step at the synchronization instead put
+  kvprof's TTFT 4.7 ms before vLLM's at batch 64 on the H200).
+* A step starts at the end of its schedule(). With async scheduling (vLLM's GPU default) the next
+  step is scheduled while this one runs, so a step starts no earlier than the previous step
+  ended: [max(schedule end, previous end), end].
 * A prefill event covers the step(s) that computed the prompt: one event per step, with
   ext["chunk"]=1 when the prompt took several steps (chunked prefill); the last one ends when the
-  first token is ready. A request preempted after its first token computes its KV again when it
-  resumes: those prefill events carry ext["recompute"]=1 (a request preempted before its first
-  token just continues its prefill).
+  first token is ready (the step's end). A request preempted after its first token computes its
+  KV again when it resumes: those prefill events carry ext["recompute"]=1 (a request preempted
+  before its first token just continues its prefill).
 * vLLM frees a preempted request's KV inside schedule(): its evict event spans that schedule() call.
 * vLLM drops a cached block from its prefix cache when it hands the block out again, which happens
   while scheduling; the KV events are published afterwards, so prefix-cache evict events span the
@@ -40,7 +47,9 @@ offload events count the KV entries they move (`tokens`) at the KV bytes of one 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kvprof import Event, Kind, Medium, Profiler
@@ -119,14 +128,16 @@ class StepObserver:
     def __init__(self) -> None:
         self.profiler: Profiler | None = None
         self.recording = False
-        self.events: list[Event] = []            # recorded in the step, delivered by flush()
         self.external_ids: dict[str, str] = {}   # vLLM's request id -> the workload's
         self.block_size = 0
         self.block_bytes = 0                     # KV bytes of one block id, all layers
         self.num_blocks = 0
         self.preemptions = 0
-        self.cost_ns = 0                         # time spent observing inside the engine step
+        self.cost_ns = 0                         # time spent observing (in the engine step and in flush)
         self.last_step_end_ns = 0
+        # What flush() delivers, in order: events, and work deferred out of the engine step
+        # (callables returning events). Only while recording; otherwise the work runs at once.
+        self._queue: list[Event | Callable[[], list[Event]]] = []
         self._block_pool: Any = None
         self._next_step = 0
         self._last_schedule = (0, 0, 0)          # start_ns, end_ns, step of the latest schedule()
@@ -150,18 +161,19 @@ class StepObserver:
         publish = publisher.publish
 
         def publish_observed(batch: Any) -> None:
-            start_ns = time.monotonic_ns()
             self.kv_events(batch)
-            self.cost_ns += time.monotonic_ns() - start_ns
             publish(batch)
 
         publisher.publish = publish_observed
 
     def bind(self, profiler: Profiler) -> None:
         """Report to `profiler` from now on, steps counted from 0 (an engine may serve several runs)."""
+        for item in self._queue:  # left by an earlier run that was not flushed: its state only
+            if not isinstance(item, Event):
+                item()
+        self._queue = []
         self.profiler = profiler
         self.recording = profiler.enabled
-        self.events = []
         self.preemptions = 0
         self.cost_ns = 0
         self._next_step = 0
@@ -170,8 +182,16 @@ class StepObserver:
         self.external_ids[vllm_id] = request_id
 
     def flush(self) -> None:
-        """Deliver the events recorded since the last flush, in the order they were recorded."""
-        events, self.events = self.events, []
+        """Make the events of the steps since the last flush and deliver them, in step order."""
+        queue, self._queue = self._queue, []
+        start_ns = time.monotonic_ns()
+        events: list[Event] = []
+        for item in queue:
+            if isinstance(item, Event):
+                events.append(item)
+            else:
+                events.extend(item())
+        self.cost_ns += time.monotonic_ns() - start_ns
         for event in events:
             self.profiler.emit(event)
 
@@ -211,19 +231,28 @@ class StepObserver:
             record.chunks.append(PrefillChunk(vllm_id, tokens, progress, last))
         self._pending[id(output)] = record
 
-    def step_done(self, output: Any, end_ns: int, engine_core_outputs: dict[int, Any]) -> None:
-        """The step of `output` ended at end_ns; vLLM has made its outputs (and stats)."""
+    def step_done(self, output: Any, synced_ns: int, end_ns: int, engine_core_outputs: dict[int, Any]) -> None:
+        """The step of `output`: its device work was over at synced_ns (update_from_output()
+        entered), and vLLM had made its outputs (and stats) at end_ns, when the step ends."""
         record = self._pending.pop(id(output), None)  # None for a step that ran nothing
-        self._offloads(engine_core_outputs, record.index if record else self._last_schedule[2], end_ns)
+        connector_stats = None
+        for outputs in engine_core_outputs.values():
+            stats = getattr(outputs, "scheduler_stats", None)
+            connector_stats = connector_stats or getattr(stats, "kv_connector_stats", None)
+        step = record.index if record else self._last_schedule[2]
+        self._later(self._offloads, connector_stats, step, end_ns)
         if record is None:
             return
         start_ns = max(record.schedule_end_ns, self.last_step_end_ns)
         self.last_step_end_ns = end_ns
-        if self.recording:
-            self._step_reports(record, start_ns, end_ns)
+        self._later(self._step_reports, record, start_ns, synced_ns, end_ns)
 
     def kv_events(self, batch: Any) -> None:
-        """A step's KV-cache events (BlockStored / BlockRemoved / AllBlocksCleared)."""
+        """A step's KV-cache events (BlockStored / BlockRemoved / AllBlocksCleared), published
+        inside update_from_output(): read after the step."""
+        self._later(self._kv_events, batch, self._last_schedule)
+
+    def _kv_events(self, batch: Any, schedule: tuple[int, int, int]) -> list[Event]:
         removed: dict[str, list[int]] = {}
         cleared: list[int] = []
         for event in batch.events:
@@ -243,17 +272,28 @@ class StepObserver:
             elif kind == "AllBlocksCleared":
                 cleared.extend(self._cached_on_device)
                 self._cached_on_device.clear()
-        start_ns, end_ns, step = self._last_schedule
-        for medium, hashes in removed.items():
-            self._evict_blocks("prefix_cache", MEDIUMS.get(medium, medium.lower()), hashes, start_ns, end_ns, step)
+        start_ns, end_ns, step = schedule
+        events = [self._evict_blocks("prefix_cache", MEDIUMS.get(medium, medium.lower()), hashes, start_ns, end_ns,
+                                     step) for medium, hashes in removed.items()]
         if cleared:
-            self._evict_blocks("prefix_cache_reset", Medium.DEVICE.value, cleared, start_ns, end_ns, step)
+            events.append(self._evict_blocks("prefix_cache_reset", Medium.DEVICE.value, cleared, start_ns, end_ns,
+                                             step))
+        return events
+
+    def _later(self, work: Callable[..., list[Event]], *args: Any) -> None:
+        """Run `work` in flush() while recording (out of the engine step); at once otherwise, for
+        the state it keeps, dropping its events."""
+        if self.recording:
+            self._queue.append(partial(work, *args))
+        else:
+            work(*args)
 
     # --- events --------------------------------------------------------------------------
 
-    def _step_reports(self, record: StepRecord, start_ns: int, end_ns: int) -> None:
+    def _step_reports(self, record: StepRecord, start_ns: int, synced_ns: int, end_ns: int) -> list[Event]:
         kv_bytes = record.used_blocks * self.block_bytes
         blocks = {"num_used_blocks": float(record.used_blocks), "num_free_blocks": float(record.free_blocks)}
+        events = []
         for chunk in record.chunks:
             progress = chunk.progress
             ext = {"prompt_tokens": float(progress.prompt_tokens), "cached_tokens": float(progress.cached_tokens)}
@@ -261,20 +301,21 @@ class StepObserver:
                 ext["chunk"] = 1.0
             if progress.recompute:
                 ext["recompute"] = 1.0
-            self.events.append(Event(Kind.PREFILL, start_ns, end_ns, request_id=self._external(chunk.request_id),
-                                     step=record.index, tokens=chunk.tokens, batch_size=record.batch_size,
-                                     kv_device_bytes=kv_bytes, ext=ext))
+            events.append(Event(Kind.PREFILL, start_ns, end_ns, request_id=self._external(chunk.request_id),
+                                step=record.index, tokens=chunk.tokens, batch_size=record.batch_size,
+                                kv_device_bytes=kv_bytes, ext=ext))
         prefill_tokens = sum(chunk.tokens for chunk in record.chunks)
-        self.events.append(Event(
+        events.append(Event(
             Kind.DECODE_STEP, start_ns, end_ns, step=record.index, batch_size=record.batch_size, tokens=record.tokens,
             kv_device_bytes=kv_bytes,
             ext={"prefill_requests": float(len(record.chunks)), "prefill_tokens": float(prefill_tokens),
                  "decode_requests": float(record.batch_size - len(record.chunks)),
-                 "schedule_ns": float(record.schedule_end_ns - record.schedule_start_ns), **blocks},
+                 "schedule_ns": float(record.schedule_end_ns - record.schedule_start_ns),
+                 "output_ns": float(end_ns - synced_ns), **blocks},
         ))
         usage = record.used_blocks / max(1, self.num_blocks - 1)
-        self.events.append(Event(Kind.SAMPLE, end_ns, end_ns, kv_device_bytes=kv_bytes,
-                                 ext={"kv_usage": usage, **blocks}))
+        events.append(Event(Kind.SAMPLE, end_ns, end_ns, kv_device_bytes=kv_bytes, ext={"kv_usage": usage, **blocks}))
+        return events
 
     def _preempted(self, vllm_id: str, start_ns: int, end_ns: int, step: int) -> None:
         self.preemptions += 1
@@ -285,24 +326,21 @@ class StepObserver:
                            bytes=round(tokens * self.token_bytes), src_medium=Medium.DEVICE.value))
 
     def _evict_blocks(self, reason: str, medium: str, hashes: list[int], start_ns: int, end_ns: int,
-                      step: int) -> None:
+                      step: int) -> Event:
         # Cached blocks are full blocks (the CPU tier's may hold several device blocks, so their
         # size is not known here: its evictions carry the hashes only).
         tokens = len(hashes) * self.block_size if medium == Medium.DEVICE.value else None
-        self._record(Event(Kind.EVICT, start_ns, end_ns, reason=reason, step=step, block_hashes=hashes,
-                           src_medium=medium, tokens=tokens,
-                           bytes=round(tokens * self.token_bytes) if tokens is not None else None))
+        return Event(Kind.EVICT, start_ns, end_ns, reason=reason, step=step, block_hashes=hashes,
+                     src_medium=medium, tokens=tokens,
+                     bytes=round(tokens * self.token_bytes) if tokens is not None else None)
 
-    def _offloads(self, engine_core_outputs: dict[int, Any], step: int, end_ns: int) -> None:
+    def _offloads(self, connector_stats: dict[str, Any] | None, step: int, end_ns: int) -> list[Event]:
         """The offloading connector's transfers reported with this step's output."""
-        connector_stats = None
-        for outputs in engine_core_outputs.values():
-            stats = getattr(outputs, "scheduler_stats", None)
-            connector_stats = connector_stats or getattr(stats, "kv_connector_stats", None)
         totals = offload_totals(connector_stats)
         stored, self._stored_to_host = self._stored_to_host, []
+        events: list[Event] = []
         if not totals and not stored:
-            return
+            return events
         for direction, src, dst in OFFLOAD_DIRECTIONS:
             nbytes, seconds, transfers = totals.get(direction, (0.0, 0.0, 0))
             hashes = stored if direction == "store" else []
@@ -311,12 +349,13 @@ class StepObserver:
             # The connector times each transfer with CUDA events and reports the completed ones
             # with this step's output: the event ends at the step's end and lasts their total time.
             duration_ns = int(seconds * 1e9)
-            self._record(Event(
+            events.append(Event(
                 Kind.OFFLOAD, end_ns - duration_ns, end_ns, step=step, src_medium=src, dst_medium=dst,
                 bytes=int(nbytes) if nbytes else None, block_hashes=hashes or None,
                 tokens=round(nbytes / self.token_bytes) if nbytes and self.token_bytes else None,
                 ext={"transfers": float(transfers), "cuda_time_ns": float(duration_ns)},
             ))
+        return events
 
     # --- requests ------------------------------------------------------------------------
 
@@ -347,7 +386,7 @@ class StepObserver:
 
     def _record(self, event: Event) -> None:
         if self.recording:
-            self.events.append(event)
+            self._queue.append(event)
 
     def _external(self, vllm_id: str) -> str:
         return self.external_ids.get(vllm_id, vllm_id)

@@ -22,8 +22,10 @@ from kvprof_vllm.stats import VllmTotals
 NOTES = [
     "each engine step is a decode_step event (ext prefill_tokens says how many of its tokens were prompt "
     "tokens); step counts engine steps from 0",
-    "decode_step spans model execution: from the end of schedule() (or the previous step's end) to the "
-    "start of update_from_output(), when the executor has synchronized with the device",
+    "decode_step spans the engine step: from the end of schedule() (or the previous step's end) to the "
+    "return of update_from_output(), when vLLM has made the step's tokens into outputs (and stamped them: "
+    "RequestOutput.metrics); the device work ended before, ext output_ns earlier (update_from_output() is "
+    "entered after the executor synchronized with the device)",
     "prefix_cache evictions come from vLLM's BlockRemoved KV events, emitted when a cached free block is "
     "handed out again (lazily), not when it is freed",
     "vLLM v1 preempts by recompute only; the evict event is at the step whose schedule() preempted, and "
@@ -133,8 +135,8 @@ def profile_requests(observed: ObservedEngine, profiler: Profiler, requests: lis
         on_added=lambda request, vllm_id, arrival_ns: observer.add_request(vllm_id, request.request_id),
         on_step=observer.flush, on_finished=finished,
     )
-    # kvprof_observer_ns: time kvprof spent inside the engine step (the profiler's run_end reports
-    # the time its sinks took).
+    # kvprof_observer_ns: time kvprof's observer spent, in the engine step and making its events
+    # after it (the profiler's run_end reports the time its sinks took).
     profiler.emit_sample(time.monotonic_ns(), ext={**totals.as_ext(), "kvprof_preemptions": float(observer.preemptions),
                                                    "kvprof_observer_ns": float(observer.cost_ns)})
     return outputs

@@ -90,13 +90,16 @@ class ObservedSchedulerMixin:
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> Any:
-        # The executor has synchronized with the device before handing back the step's output, so
-        # this is the step's end without an extra synchronize.
-        end_ns = time.monotonic_ns()
+        # The executor has synchronized with the device before handing back the step's output: the
+        # step's device work has finished here, without an extra synchronize.
+        synced_ns = time.monotonic_ns()
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # publishes KV events
-        done_ns = time.monotonic_ns()
-        self._kvprof.step_done(scheduler_output, end_ns, outputs)
-        self._kvprof.cost_ns += time.monotonic_ns() - done_ns
+        # vLLM has now made the step's outputs, each request's new tokens, and stamped them inside
+        # this call (EngineCoreOutputs.timestamp: RequestOutput.metrics' first_token_ts and
+        # last_token_ts). The step ends here: its tokens exist for the caller.
+        end_ns = time.monotonic_ns()
+        self._kvprof.step_done(scheduler_output, synced_ns, end_ns, outputs)
+        self._kvprof.cost_ns += time.monotonic_ns() - end_ns
         return outputs
 
 
