@@ -114,6 +114,16 @@ def ratio_of_medians(numerators: list[float], denominators: list[float]) -> floa
     return statistics.median(numerators) / statistics.median(denominators)
 
 
+def ratio_spread(name: str, numerators: list[float], denominators: list[float]) -> dict[str, Any]:
+    """Per-round ratios (the two runs of a round are neighbours in time): their median, and their
+    range and quartiles as the spread."""
+    ratios = [n / d for n, d in zip(numerators, denominators)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {f"{name}_median_of_ratios": statistics.median(ratios), f"{name}_ratio_min": min(ratios),
+            f"{name}_ratio_max": max(ratios), f"{name}_ratio_quartiles": [quartiles[0], quartiles[2]],
+            f"{name}_ratios": ratios}
+
+
 class Bench:
     """The two engines and what one round needs."""
 
@@ -127,11 +137,13 @@ class Bench:
 
         return build_workload(self.plain, WorkloadSpec("synthetic", params)).requests
 
-    def run_plain(self, requests: list[Any]) -> tuple[dict[str, Any], float]:
-        self.plain.reset_prefix_cache()
+    def run_plain(self, requests: list[Any], reset_cache: bool = True) -> tuple[dict[str, Any], float]:
+        if reset_cache:
+            self.plain.reset_prefix_cache()
         return timed(lambda: run_requests(self.plain, requests))
 
-    def run_kvprof(self, params: WorkloadParams, requests: list[Any], trace_path: Path) -> tuple[dict[str, Any], float]:
+    def run_kvprof(self, params: WorkloadParams, requests: list[Any], trace_path: Path,
+                   reset_cache: bool = True) -> tuple[dict[str, Any], float]:
         from kvprof_vllm.run import describe_engine, profile_requests
 
         run = RunInfo(strategy="vllm", model=self.model.to_dict(), workload=vars(params), options=self.options,
@@ -139,7 +151,8 @@ class Bench:
         run.extra.update(describe_engine(self.observed))
         profiler = Profiler(self.pm, run)
         profiler.start()
-        self.observed.engine.reset_prefix_cache()
+        if reset_cache:
+            self.observed.engine.reset_prefix_cache()
         try:
             return timed(lambda: profile_requests(self.observed, profiler, requests))
         finally:
@@ -152,18 +165,28 @@ def timed(run: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:
     return outputs, time.perf_counter() - start
 
 
-def run_round(bench: Bench, params: WorkloadParams, trace_path: Path, plain: bool = True) -> dict[str, Any]:
-    """One round on new prompts: plain vLLM (unless `plain` is False), then vLLM with kvprof writing
-    `trace_path`; each engine's figures, and whether both generated the same tokens."""
+def run_round(bench: Bench, params: WorkloadParams, trace_path: Path, plain: bool = True,
+              kvprof_first: bool = False, reset_cache: bool = True) -> dict[str, Any]:
+    """One round: plain vLLM (unless `plain` is False) and vLLM with kvprof writing `trace_path`,
+    plain first unless `kvprof_first`; each engine's figures, and whether both generated the same
+    tokens. Each run starts from an empty prefix cache unless `reset_cache` is False (then prompts
+    an earlier run computed are served from the cache)."""
     requests = bench.requests(params)
     figures: dict[str, Any] = {}
-    if plain:
-        plain_outputs, plain_s = bench.run_plain(requests)
-        figures["plain"] = {**vllm_request_figures(plain_outputs),
-                            "tokens_per_s": generated_tokens(plain_outputs) / plain_s}
-    kvprof_outputs, kvprof_s = bench.run_kvprof(params, requests, trace_path)
+    plain_outputs: dict[str, Any] = {}
+
+    def run_plain() -> None:
+        outputs, seconds = bench.run_plain(requests, reset_cache)
+        figures["plain"] = {**vllm_request_figures(outputs), "tokens_per_s": generated_tokens(outputs) / seconds}
+        plain_outputs.update(outputs)
+
+    if plain and not kvprof_first:
+        run_plain()
+    kvprof_outputs, kvprof_s = bench.run_kvprof(params, requests, trace_path, reset_cache)
     figures["kvprof"] = {**vllm_request_figures(kvprof_outputs), **kvprof_trace_figures(trace_path, kvprof_outputs),
                          "tokens_per_s": generated_tokens(kvprof_outputs) / kvprof_s}
+    if plain and kvprof_first:
+        run_plain()
     if plain:
         figures["same_tokens"] = all(list(plain_outputs[rid].outputs[0].token_ids) == list(out.outputs[0].token_ids)
                                      for rid, out in kvprof_outputs.items())
@@ -171,9 +194,17 @@ def run_round(bench: Bench, params: WorkloadParams, trace_path: Path, plain: boo
 
 
 def measure_batch(bench: Bench, args: argparse.Namespace, batch: int,
-                  keep_going: Callable[[], bool] = lambda: True) -> dict[str, Any] | None:
-    """Warm-up round, then `repeats` rounds of plain and kvprof on new prompts (fewer when
-    `keep_going` turns False before a round; None when no round ran)."""
+                  keep_going: Callable[[], bool] = lambda: True, reuse_prompts: bool = False) -> dict[str, Any] | None:
+    """Warm-up round, then `repeats` rounds of plain and kvprof (fewer when `keep_going` turns False
+    before a round; None when no round ran). The two engines take turns going first (plain first in
+    even rounds), so a drift of the machine over the rounds (clocks, heat, the host) does not
+    favour one of them; each round gives a ratio kvprof/plain, and the median of those ratios is
+    the overhead least moved by an odd round.
+
+    New prompts every round, from an empty prefix cache; or, with `reuse_prompts`, the warm-up's
+    prompts every round, served from the prefix cache the warm-up filled: every round then decodes
+    the same batch from the same context after a prefill of one token per request, which measures
+    decode alone and makes a round cost its decode steps only (TTFT is then not a prefill's)."""
     def params(seed: int) -> WorkloadParams:
         return WorkloadParams(prompt_len=args.prompt_len, output_len=args.output_len, num_prompts=batch,
                               batch_size=batch, seed=seed)
@@ -186,11 +217,14 @@ def measure_batch(bench: Bench, args: argparse.Namespace, batch: int,
         if not keep_going():
             break
         trace_path = bench.folder / f"vllm-b{batch}-r{round_index}.arrow"
-        rounds.append(run_round(bench, params(batch * 1000 + round_index), trace_path))
+        round_params = warm if reuse_prompts else params(batch * 1000 + round_index)
+        rounds.append(run_round(bench, round_params, trace_path, kvprof_first=round_index % 2 == 1,
+                                reset_cache=not reuse_prompts))
+        rounds[-1]["kvprof_first"] = round_index % 2 == 1
         print(json.dumps({"batch_size": batch, "round": round_index, **rounds[-1]}), flush=True)
     if not rounds:
         return None
-    return summarize_batch(bench, args, batch, rounds, trace_path)
+    return {**summarize_batch(bench, args, batch, rounds, trace_path), "reused_prompts": reuse_prompts}
 
 
 def summarize_batch(bench: Bench, args: argparse.Namespace, batch: int, rounds: list[dict[str, Any]],
@@ -218,6 +252,9 @@ def summarize_batch(bench: Bench, args: argparse.Namespace, batch: int, rounds: 
         "overhead_decode_kvprof_over_plain": kvprof_decode / plain_decode,
         "overhead_throughput_plain_over_kvprof": ratio_of_medians(column("plain", "tokens_per_s"),
                                                                    column("kvprof", "tokens_per_s")),
+        **ratio_spread("overhead_decode", column("kvprof", "vllm_decode_ms_per_token"),
+                       column("plain", "vllm_decode_ms_per_token")),
+        **ratio_spread("overhead_throughput", column("plain", "tokens_per_s"), column("kvprof", "tokens_per_s")),
         "cached_tokens_max": max(max(column("plain", "cached_tokens_max")), max(column("kvprof", "cached_tokens_max"))),
         "same_tokens": all(r["same_tokens"] for r in rounds),
         "weights_bytes": weights, "kv_bytes_per_token": kv_per_token, "bytes_per_step": weights + kv,
@@ -292,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_row(row: dict[str, Any]) -> None:
     print(f"batch {row['batch_size']:3d}: decode plain {row['plain_decode_ms_per_token_median']:.2f} ms/token, "
-          f"kvprof {row['kvprof_decode_ms_per_token_median']:.2f} (x{row['overhead_decode_kvprof_over_plain']:.4f}; "
+          f"kvprof {row['kvprof_decode_ms_per_token_median']:.2f} (x{row['overhead_decode_kvprof_over_plain']:.4f}, "
+          f"median of round ratios x{row['overhead_decode_median_of_ratios']:.4f} in "
+          f"[{row['overhead_decode_ratio_min']:.4f}, {row['overhead_decode_ratio_max']:.4f}]; "
           f"throughput plain/kvprof x{row['overhead_throughput_plain_over_kvprof']:.4f}); kvprof ITL "
           f"{row['kvprof_itl_ms_median']:.2f} ms; TTFT plain {row['plain_ttft_ms_median']:.1f} ms, kvprof "
           f"{row['kvprof_ttft_ms_median']:.1f} ms (max gap to vLLM's {row['ttft_gap_to_vllm_ms_max']:.3f} ms); "

@@ -17,8 +17,10 @@ cache reset before every run):
 
 * ttft: batch 1 at each prompt length, plain and kvprof: vLLM's TTFT (RequestOutput.metrics) on
   each engine, kvprof's TTFT from its trace, the largest gap between kvprof's and vLLM's.
-* overhead: kvprof's overhead at one batch size (benchmarks/vllm_gpu.py's measurement: decode ms
-  per token and throughput, plain against kvprof, ratios of medians over rounds).
+* overhead: kvprof's overhead on decode at one batch size (benchmarks/vllm_gpu.py's measurement:
+  decode ms per token and throughput, plain against kvprof), on the warm-up's prompts served from
+  the prefix cache, so a round costs its decode steps only and many rounds fit; the engines take
+  turns going first, and the overhead is the median of the rounds' ratios (with their spread).
 * sweep: kvprof only, at each batch size: decode throughput (vLLM's and kvprof's), end-to-end
   latency, TTFT, ITL, device KV in use (kvprof's kv_device_bytes, from vLLM's block pool) against
   the engine's KV capacity and the batch's own KV size, and the bandwidth limit of a decode step.
@@ -106,12 +108,12 @@ class Plan:
 H200_PLAN = Plan(model="llama-3.1-8b", weights="random",
                  ttft_prompt_lens=(1024, 2048, 4096, 8192, 16384), ttft_output_len=8, ttft_rounds=3,
                  prompt_len=2048, output_len=128, sweep_batches=(1, 2, 4, 8, 16, 32, 64), sweep_rounds=2,
-                 overhead_batch=32, overhead_rounds=5, rates=(1.0, 4.0, 16.0), rate_duration_s=8.0,
+                 overhead_batch=32, overhead_rounds=12, rates=(1.0, 4.0, 16.0), rate_duration_s=8.0,
                  rate_min_requests=8, decode_only_batch=16, decode_only_prompt_len=8192, decode_only_output_len=64,
                  decode_only_rounds=3)
 SMOKE_PLAN = Plan(model="smollm2-135m", weights="auto", ttft_prompt_lens=(32, 64, 128), ttft_output_len=4,
                   ttft_rounds=1, prompt_len=64, output_len=8, sweep_batches=(1, 2, 4), sweep_rounds=1,
-                  overhead_batch=4, overhead_rounds=1, rates=(8.0, 32.0), rate_duration_s=0.5, rate_min_requests=4,
+                  overhead_batch=4, overhead_rounds=2, rates=(8.0, 32.0), rate_duration_s=0.5, rate_min_requests=4,
                   decode_only_batch=2, decode_only_prompt_len=128, decode_only_output_len=8, decode_only_rounds=1)
 
 
@@ -262,11 +264,11 @@ def ttft_row(length: int, rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def part_overhead(study: Study, args: argparse.Namespace, name: str, batch: int, prompt_len: int, output_len: int,
-                  rounds: int) -> None:
+                  rounds: int, reuse_prompts: bool) -> None:
     """benchmarks/vllm_gpu.py's plain-against-kvprof rounds at one batch size."""
     settings = argparse.Namespace(prompt_len=prompt_len, output_len=output_len, repeats=rounds,
                                   bandwidth_tbps=args.bandwidth_tbps)
-    row = measure_batch(study.bench, settings, batch, keep_going=study.keep_going)
+    row = measure_batch(study.bench, settings, batch, keep_going=study.keep_going, reuse_prompts=reuse_prompts)
     if row is None:
         return
     row["last_kvprof_trace"] = trace_figures(study.bench.folder / row["trace"])
@@ -367,14 +369,14 @@ def run_part(study: Study, args: argparse.Namespace, part: str) -> None:
         part_ttft(study, args)
     elif part == "overhead":
         part_overhead(study, args, "overhead", plan.overhead_batch, plan.prompt_len, plan.output_len,
-                      plan.overhead_rounds)
+                      plan.overhead_rounds, reuse_prompts=True)
     elif part == "sweep":
         part_sweep(study, args)
     elif part == "rate":
         part_rate(study, args)
     elif part == "decode_only":
         part_overhead(study, args, "decode_only", plan.decode_only_batch, plan.decode_only_prompt_len,
-                      plan.decode_only_output_len, plan.decode_only_rounds)
+                      plan.decode_only_output_len, plan.decode_only_rounds, reuse_prompts=False)
         if "decode_only" in study.figures["parts"]:
             trace = study.bench.folder / study.figures["parts"]["decode_only"]["trace"]
             shutil.copy(trace, study.out_dir / f"vllm-study-decode-only-{trace.name}")
@@ -475,8 +477,11 @@ def print_table(figures: dict[str, Any]) -> None:
             row = parts[name]
             print(f"{name} batch {row['batch_size']}: decode plain {num(row['plain_decode_ms_per_token_median'], 2)} "
                   f"kvprof {num(row['kvprof_decode_ms_per_token_median'], 2)} ms/token "
-                  f"(x{num(row['overhead_decode_kvprof_over_plain'], 4)}), throughput plain/kvprof "
-                  f"x{num(row['overhead_throughput_plain_over_kvprof'], 4)}, widest decode-only "
+                  f"(x{num(row['overhead_decode_kvprof_over_plain'], 4)}; median of {row['rounds']} round ratios "
+                  f"x{num(row['overhead_decode_median_of_ratios'], 4)} in [{num(row['overhead_decode_ratio_min'], 4)}, "
+                  f"{num(row['overhead_decode_ratio_max'], 4)}]), throughput plain/kvprof "
+                  f"x{num(row['overhead_throughput_plain_over_kvprof'], 4)} (median of ratios "
+                  f"x{num(row['overhead_throughput_median_of_ratios'], 4)}), widest decode-only "
                   f"{row['decode_only_step_ms_widest']}")
     print(f"skipped: {figures.get('skipped')}; {figures['elapsed_s']:.0f} s", flush=True)
 
