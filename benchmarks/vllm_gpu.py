@@ -6,9 +6,10 @@ the bandwidth limit, and kvprof's overhead on vLLM (hooks on against plain vLLM)
 
 In one process (vLLM in-process, as kvprof runs it), two engines from the same arguments: plain vLLM
 and vLLM with kvprof's hooks (observed scheduler, KV-cache events, stat logger) writing a full trace.
-Per batch size, `--repeats` rounds after a warm-up round; each round runs plain then kvprof on the
-same prompts, new prompts every round and the prefix cache reset before every run, so no run is
-helped by an earlier one (the figures carry the cached-token count to show it). Per run:
+Per batch size, `--repeats` rounds after a warm-up round; each round runs plain and kvprof on the
+same prompts (plain first in even rounds, kvprof first in odd ones), new prompts every round and the
+prefix cache reset before every run, so no run is helped by an earlier one (the figures carry the
+cached-token count to show it). Per run:
 
 * vLLM's own figures from RequestOutput.metrics: TTFT (first_token_latency) and decode time per
   token ((last_token_ts - first_token_ts) / (tokens - 1)), medians over the batch's requests;
@@ -17,7 +18,8 @@ helped by an earlier one (the figures carry the cached-token count to show it). 
 * generated tokens per second of wall time.
 
 Overhead = kvprof's decode ms per token over plain vLLM's, and plain throughput over kvprof's, as
-ratios of medians over the rounds (target: at most 1.02). The bandwidth limit of one decode step is
+ratios of medians over the rounds, and as the median of the rounds' ratios with their range (the
+two runs of a round are neighbours in time; target: at most 1.02). The bandwidth limit of one decode step is
 (weights + the batch's KV at the middle of decoding) / --bandwidth-tbps. Writes OUT_DIR/vllm-gpu.json
 (after every batch size, so a run cut short keeps what it finished) and the last kvprof trace of
 each batch size.
