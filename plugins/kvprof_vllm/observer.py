@@ -138,6 +138,7 @@ class StepObserver:
         # What flush() delivers, in order: events, and work deferred out of the engine step
         # (callables returning events). Only while recording; otherwise the work runs at once.
         self._queue: list[Event | Callable[[], list[Event]]] = []
+        self.scheduler: Any = None               # vLLM's scheduler, once attached
         self._block_pool: Any = None
         self._next_step = 0
         self._last_schedule = (0, 0, 0)          # start_ns, end_ns, step of the latest schedule()
@@ -153,6 +154,7 @@ class StepObserver:
 
     def attach(self, scheduler: Any, block_bytes: int) -> None:
         """Read the engine's KV geometry and wrap its KV-event publisher (the null one by default)."""
+        self.scheduler = scheduler
         self._block_pool = scheduler.kv_cache_manager.block_pool
         self.num_blocks = self._block_pool.num_gpu_blocks
         self.block_size = scheduler.block_size

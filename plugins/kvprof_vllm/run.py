@@ -135,11 +135,36 @@ def profile_requests(observed: ObservedEngine, profiler: Profiler, requests: lis
         on_added=lambda request, vllm_id, arrival_ns: observer.add_request(vllm_id, request.request_id),
         on_step=observer.flush, on_finished=finished,
     )
+    drained = drain_kv_transfers(observed)
     # kvprof_observer_ns: time kvprof's observer spent, in the engine step and making its events
     # after it (the profiler's run_end reports the time its sinks took).
     profiler.emit_sample(time.monotonic_ns(), ext={**totals.as_ext(), "kvprof_preemptions": float(observer.preemptions),
-                                                   "kvprof_observer_ns": float(observer.cost_ns)})
+                                                   "kvprof_observer_ns": float(observer.cost_ns),
+                                                   **({"kvprof_drain_steps": float(drained)} if drained else {})})
     return outputs
+
+
+DRAIN_LIMIT_S = 30.0
+
+
+def drain_kv_transfers(observed: ObservedEngine) -> int:
+    """With a KV connector, step the engine until vLLM's scheduler holds no request; the steps taken.
+
+    The offloading connector keeps a finished request (and its KV blocks) until its stores to the
+    CPU have completed, and reports each completed transfer with a later step's output. vLLM's
+    own engine loop keeps stepping while its scheduler has such requests; the offline loop
+    (run_requests) stops when every request has returned its output. Stepping on here puts the
+    run's transfers in the run's trace and frees the blocks (a prefix-cache reset fails while a
+    block is held). Bounded by DRAIN_LIMIT_S, in case a transfer never reports back."""
+    scheduler = observed.observer.scheduler
+    if getattr(scheduler, "connector", None) is None:
+        return 0
+    steps, deadline = 0, time.monotonic() + DRAIN_LIMIT_S
+    while scheduler.has_requests() and time.monotonic() < deadline:
+        observed.engine.step()
+        observed.observer.flush()
+        steps += 1
+    return steps
 
 
 def request_preemptions(output: Any) -> int | None:
