@@ -69,3 +69,34 @@ def test_parts_are_checked():
     with pytest.raises(SystemExit):
         vllm_study.parse_args(["out", "--parts", "ttft,sweeps"])
     assert vllm_study.parse_args(["out", "--parts", "rate,ttft"]).part_list == ["rate", "ttft"]
+
+
+def test_one_odd_round_moves_the_ratio_of_medians_not_the_median_of_ratios():
+    # Three rounds of (kvprof, plain) decode ms per token: kvprof costs 1-2 % in each round, but
+    # its run of the third round met a slow machine that the plain run of that round did not.
+    import vllm_gpu
+
+    kvprof, plain = [10.2, 18.3, 15.0], [10.0, 18.0, 12.0]
+    spread = vllm_gpu.ratio_spread("overhead", kvprof, plain)
+    assert spread["overhead_median_of_ratios"] == pytest.approx(1.02)
+    assert (spread["overhead_ratio_min"], spread["overhead_ratio_max"]) == (pytest.approx(18.3 / 18.0), 1.25)
+    assert vllm_gpu.ratio_of_medians(kvprof, plain) == 1.25
+
+
+def offload_sh_option(name: str) -> str:
+    match = re.search(rf"--opt {name}=(\S+)", (BENCHMARKS / "vllm_h200" / "offload.sh").read_text())
+    assert match, f"offload.sh sets no {name}"
+    return match.group(1)
+
+
+def test_offload_run_holds_its_batch_on_the_gpu_and_outgrows_the_cpu_tier_in_its_last_round():
+    import vllm_offload
+
+    args = vllm_offload.parse_args(["out"])
+    options = vllm_offload.engine_options(args)
+    token_bytes = kv_bytes_per_token(resolve_model(args.model, args.weights).config)
+    assert options["max_num_batched_tokens"] >= args.batch * args.prompt_len  # one-step prefill
+    assert args.batch * options["max_model_len"] * token_bytes <= int(offload_sh_option("kv_cache_memory_bytes"))
+    round_bytes = args.batch * args.prompt_len * token_bytes  # the prompts' full blocks
+    cpu_tier = options["kv_offloading_size"] * 2**30
+    assert 2 * round_bytes <= cpu_tier < args.rounds * round_bytes  # a round is loaded whole; the last evicts
