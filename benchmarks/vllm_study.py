@@ -188,8 +188,9 @@ class RecordingBench(Bench):
         super().__init__(*args)
         self.last_kvprof_outputs: dict[str, Any] = {}
 
-    def run_kvprof(self, params: WorkloadParams, requests: list[Any], trace_path: Path) -> tuple[dict[str, Any], float]:
-        outputs, seconds = super().run_kvprof(params, requests, trace_path)
+    def run_kvprof(self, params: WorkloadParams, requests: list[Any], trace_path: Path,
+                   reset_cache: bool = True) -> tuple[dict[str, Any], float]:
+        outputs, seconds = super().run_kvprof(params, requests, trace_path, reset_cache)
         self.last_kvprof_outputs = outputs
         return outputs, seconds
 
