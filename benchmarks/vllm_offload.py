@@ -92,7 +92,7 @@ def run_phase(bench: Bench, params: WorkloadParams, requests: list[Any], trace_p
     gpu_cache_reset = bench.observed.engine.reset_prefix_cache()
     outputs, seconds = bench.run_kvprof(params, requests, trace_path, reset_cache=False)
     trace = read_trace(trace_path)
-    drain_steps = [dict(row["ext"]).get("kvprof_drain_steps") for row in trace.of_kind("sample").to_pylist()]
+    drain_steps = [dict(row["ext"] or {}).get("kvprof_drain_steps") for row in trace.of_kind("sample").to_pylist()]
     report = trace_summary(trace)
     full_blocks = sum(len(request.prompt_token_ids) // block_size for request in requests)
     return {
