@@ -23,12 +23,7 @@ mkdir -p "$OUT_DIR"
 BACKEND=${ATTENTION_BACKEND:-TRITON_ATTN}
 LOG="$OUT_DIR/vllm-h200-study.log"
 
-# The parts only (install.sh --check of the call before imported everything); kvprof again, as its
-# editable install must point at this checkout for its plugins' entry points.
-"$HERE/install.sh" --parts 2>&1 | tee "$LOG"
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" 2>&1 | tee -a "$LOG"
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm --format=csv 2>&1 \
-    | tee -a "$LOG"
+prepare_run "$LOG"
 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO} python3 "$REPO/benchmarks/vllm_study.py" "$OUT_DIR" \
     --deadline-s "${DEADLINE_S:-500}" --opt "attention_backend=$BACKEND" \
     --opt kv_cache_memory_bytes=25769803776 --opt gpu_memory_utilization=0.3 "$@" 2>&1 | tee -a "$LOG"
