@@ -19,7 +19,6 @@ from typing import Any, Unpack
 
 import pluggy
 
-from kvprof import hookspecs
 from kvprof.errors import SinkError
 from kvprof.events import (
     DecodeStepFields,
@@ -142,16 +141,6 @@ class Profiler:
     warm-up runs and overhead baselines: nothing listens, so strategies may skip building
     event payloads and measuring.
     """
-
-    @classmethod
-    def for_warmup(cls, run: RunInfo) -> Profiler:
-        """An enabled profiler that delivers to no plugin: a warm-up run takes every path of a
-        measured run, the strategy's event code included. On CUDA a kernel's first launch loads
-        its module, which can stall the device; left to the measured run, the first use of an
-        event path's kernels cost one decode step 10 ms on the H200."""
-        manager = pluggy.PluginManager("kvprof")
-        manager.add_hookspecs(hookspecs)
-        return cls(manager, run)
 
     def __init__(self, pm: pluggy.PluginManager, run: RunInfo, enabled: bool = True) -> None:
         self.pm = pm
