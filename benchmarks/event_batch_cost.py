@@ -1,6 +1,6 @@
 """What kvprof's host side costs per evict event: one columnar batch against the same events one by one.
 
-    python benchmarks/event_batch_cost.py [--batch 16 --layers 30 --kv-heads 8 --steps 31 --prompt 8192]
+    python benchmarks/event_batch_cost.py [--batch 16 --layers 30 --kv-heads 8 --steps 31 --prompt 8192 --step-ms 9]
 
 H2O's events at detail "head" for Llama-3-8B's shapes: each decode step evicts one position per
 (request, layer, KV head), `batch x layers x kv_heads` events; the prefill's cut drops 80 % of a
@@ -56,7 +56,9 @@ def one_run(args: argparse.Namespace, batched: bool, folder: Path) -> tuple[floa
     batches = [evictions(args.batch, args.layers, args.kv_heads, cut, None, rng, 0)]
     batches += [evictions(args.batch, args.layers, args.kv_heads, 1, step, rng, (step + 1) * 10**6)
                 for step in range(args.steps)]
-    for item in batches:
+    for index, item in enumerate(batches):
+        if index > 1:
+            time.sleep(args.step_ms / 1e3)  # a decode step's length between two steps' events
         if batched:
             profiler.emit_batch(item)
         else:
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=31)
     parser.add_argument("--prompt", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="time between two decode steps' events (9 at H2O's batch 16 x 8K on the H200)")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from kvprof import Event, Kind
 from kvprof.trace import SCHEMA_VERSION, ArrowTraceWriter, TraceError, TraceWriteError, partial_path, read_trace
 from kvprof.trace.schema import META_RUN, META_VERSION, published
 from kvprof.trace.validate import validate_trace
+from kvprof.trace.writer import PendingParts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,6 +286,24 @@ def test_a_write_that_fails_on_the_writing_thread_is_raised_on_the_runs_thread(t
             else:
                 writer.close()
         writer.close()  # said once: the run's end after that is quiet
+
+
+def test_parts_waiting_to_be_written_are_bounded_by_bytes_not_count():
+    """A part larger than the bound is taken when nothing waits (a prefill cut); small parts after
+    it are taken while their bytes fit, and one that does not fit waits until the writer wrote."""
+    pending = PendingParts(max_bytes=100)
+    pending.put("cut", 1000)               # nothing waits: taken, however large
+    took = threading.Event()
+    late = threading.Thread(target=lambda: (pending.put("step", 10), took.set()))
+    late.start()
+    assert not took.wait(0.2)              # 1000 + 10 bytes unwritten: over the bound, it waits
+    assert pending.get() == ("cut", 1000)
+    pending.written(1000)
+    assert took.wait(5)
+    small = PendingParts(max_bytes=100)
+    for index in range(50):                # many small parts within the bound: no wait at all
+        small.put(index, 2)
+    late.join()
 
 
 def test_published_schema_is_current():

@@ -16,9 +16,9 @@ A write that fails (disk full) stops the writer and raises TraceWriteError namin
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +32,65 @@ from kvprof.events import FIELDS, Event, EventBatch, Positions
 from kvprof.hookspecs import hookimpl
 from kvprof.trace.schema import META_BATCH_CRC, arrow_schema, batch_checksum
 
+MAX_PENDING_BYTES = 1 << 29  # parts waiting to be written, at most (one larger part is always taken)
+
 
 def partial_path(path: str | os.PathLike) -> Path:
     """Where the trace for `path` is written until its run finishes: `<name>.partial<suffix>`."""
     path = Path(path)
     return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+class PendingParts:
+    """Parts handed to the writing thread and not yet written, bounded by their bytes, not their
+    number. An H2O prefill cut (100 MB at batch 16) is followed by small step batches every few
+    milliseconds; a bound of 4 parts made the run's thread wait behind the cut (~1 s on a 2-core
+    CPU), counted as kvprof's cost. A part is always taken when nothing waits, however large."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._parts: deque[tuple[Any, int]] = deque()
+        self._bytes = 0  # of the parts handed over and not yet written
+        self._unwritten = 0
+        self._changed = threading.Condition()
+
+    def put(self, parts: Any, size: int) -> None:
+        with self._changed:
+            while self._unwritten and self._bytes + size > self.max_bytes:
+                self._changed.wait()
+            self._parts.append((parts, size))
+            self._bytes += size
+            self._unwritten += 1
+            self._changed.notify_all()
+
+    def get(self) -> tuple[Any, int]:
+        with self._changed:
+            while not self._parts:
+                self._changed.wait()
+            return self._parts.popleft()
+
+    def written(self, size: int) -> None:
+        with self._changed:
+            self._bytes -= size
+            self._unwritten -= 1
+            self._changed.notify_all()
+
+    def join(self) -> None:
+        """Return once every part put so far is written."""
+        with self._changed:
+            while self._unwritten:
+                self._changed.wait()
+
+
+def part_bytes(part: pa.RecordBatch | EventBatch) -> int:
+    """About what a part holds in memory: a record batch's buffers; for an EventBatch its
+    positions and ~64 bytes per event for the other columns."""
+    if isinstance(part, pa.RecordBatch):
+        return part.nbytes
+    held = 64 * len(part)
+    if part.positions is not None:
+        held += part.positions.values.nbytes + part.positions.list_offsets.nbytes
+    return held
 
 
 class ArrowTraceWriter:
@@ -62,9 +116,9 @@ class ArrowTraceWriter:
             self._file = pa.OSFile(str(self.partial), "wb")
             self._writer = pa.ipc.new_file(self._file, self.schema)
         # Checksumming and writing a batch (100 MB for an H2O prefill cut at batch 16) happen on a
-        # thread of their own, so the run's thread goes on queuing device work; a few batches at
-        # most wait there (memory stays bounded: a full queue makes `flush` wait).
-        self._pending: queue.Queue[list[pa.RecordBatch | EventBatch] | None] | None = queue.Queue(maxsize=4)
+        # thread of their own, so the run's thread goes on queuing device work; what waits there
+        # is bounded by its bytes (past `MAX_PENDING_BYTES`, `flush` waits).
+        self._pending: PendingParts | None = PendingParts(MAX_PENDING_BYTES)
         self._thread = threading.Thread(target=self._write_pending, name="kvprof-trace-writer", daemon=True)
         self._thread.start()
 
@@ -91,7 +145,7 @@ class ArrowTraceWriter:
             self.rows_written += self._buffered_rows
             self._buffer, self._buffered_rows = [], 0
             assert self._pending is not None  # there until close(), and a closed writer takes nothing
-            self._pending.put(parts)
+            self._pending.put(parts, sum(part_bytes(part) for part in parts))
         self._last_flush_ns = time.monotonic_ns()
 
     def wait(self) -> None:
@@ -105,7 +159,7 @@ class ArrowTraceWriter:
         if not self.closed:
             self.flush()
         if self._pending is not None:
-            self._pending.put(None)
+            self._pending.put(None, 0)
             self._thread.join()
             self._pending = None
         self._raise_failure()
@@ -133,7 +187,7 @@ class ArrowTraceWriter:
         pending = self._pending
         assert pending is not None
         while True:
-            parts = pending.get()
+            parts, size = pending.get()
             try:
                 if parts is None:
                     return
@@ -142,7 +196,7 @@ class ArrowTraceWriter:
             except BaseException as failure:  # noqa: BLE001 - raised on the run's thread by the next call
                 self._failure = failure
             finally:
-                pending.task_done()
+                pending.written(size)
 
     def _raise_failure(self) -> None:
         failure, self._failure = self._failure, None
