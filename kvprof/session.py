@@ -70,10 +70,7 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
     if strategy_cls is None:
         strategy_cls = plugins.strategy(settings.strategy)
     plugin = registry.strategy_plugins.get(strategy_cls.name, strategy_cls.__module__)
-    options = parse_options(strategy_cls.options, {key: str(value) for key, value in settings.options.items()})
-    strategy = strategy_cls()
-    # Strategy's methods; a registered class that does not subclass Strategy may lack them.
-    getattr(strategy, "check_options", lambda options: None)(options)
+    strategy, options = checked_options(strategy_cls, settings.options)
     settings.workload.validate()
     model = resolve_model(settings.model, settings.weights, registry.models)
     device = settings.device or default_device()
@@ -116,6 +113,16 @@ def run_trace(settings: TraceSettings, plugins: LoadedPlugins | None = None,
     if isinstance(outcome.error, KeyboardInterrupt):
         raise outcome.error
     return outcome
+
+
+def checked_options(strategy_cls: type[Strategy], raw: dict[str, Any]) -> tuple[Strategy, dict[str, Any]]:
+    """A new strategy and its typed options: `raw` (`--opt` values) over the defaults, each checked
+    and then checked together (Strategy.check_options); a bad one raises UsageError."""
+    options = parse_options(strategy_cls.options, {key: str(value) for key, value in raw.items()})
+    strategy = strategy_cls()
+    # Strategy's methods; a registered class that does not subclass Strategy may lack them.
+    getattr(strategy, "check_options", lambda options: None)(options)
+    return strategy, options
 
 
 def _warmup_runs(requested: int | None, device: str) -> int:

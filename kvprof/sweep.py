@@ -8,7 +8,11 @@ defaults, then `.arrow`, with its result file (`.json`, see kvprof.analysis.resu
 run writes its trace under the partial name until it finishes (kvprof.trace.writer), so a point is
 done exactly when its trace is complete: a resumed sweep skips those and runs every other point
 again (killed, interrupted, failed, or an old trace that is truncated). Points that fail are
-reported and left out of the figures; the sweep goes on with the next.
+reported and left out of the figures; the sweep goes on with the next. That includes a point that
+fails its preflight (kvprof.preflight) on what depends on the model: prompt + output over its
+context, a probe prompt its tokenizer cannot fit. What no point can pass, or a point cannot
+whatever the model (the model itself, device, dtype, the strategies' options; the workload
+parameters, checked by `kvprof sweep`), is an argument error found before any run (check_grid).
 
 `<folder>/index.json` lists every planned run (strategy, options, workload parameters, repeat,
 trace and result file, status: done, failed with its error, or not run) with the key figures of
@@ -41,8 +45,10 @@ from typing import Any
 
 from kvprof.analysis.results import result_path, write_result
 from kvprof.errors import UsageError
+from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
-from kvprof.session import TraceSettings, default_device, run_trace
+from kvprof.preflight import check_device, check_dtype, check_trace_sink
+from kvprof.session import TraceSettings, checked_options, default_device, run_trace
 from kvprof.trace import Trace, TraceError, partial_path, read_trace
 from kvprof.workloads import PROBE_WORKLOADS, WorkloadParams, WorkloadSpec
 
@@ -137,12 +143,27 @@ def unfinished_reason(path: Path) -> str | None:
     return "its run failed" if trace.run_failed else None
 
 
+def check_grid(points: list[SweepPoint], folder: Path, settings: TraceSettings) -> None:
+    """Raise UsageError, before any run, for what fails every point or a point whatever the model:
+    the model and weights, dtype, device, the trace writer, each strategy's options. A point's
+    checks that depend on the model are its own (run_trace's preflight, recorded by run_sweep)."""
+    plugins = load_plugins()
+    resolve_model(settings.model, settings.weights, plugins.registry.models)
+    check_dtype(settings.dtype)
+    check_device(settings.device or default_device())
+    check_trace_sink(plugins.manager, folder)
+    for strategy, options in dict.fromkeys((point.strategy, point.options) for point in points):
+        checked_options(plugins.strategy(strategy), dict(options))
+
+
 def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settings: TraceSettings,
               repeats: int = 1) -> SweepOutcome:
-    """Run every point without a complete trace (a point whose run fails is reported and the
-    sweep goes on); returns the complete traces and the points left unfinished. Keeps
-    `<folder>/index.json` (SweepIndex) up to date after every run.
+    """Run every point without a complete trace (a point whose run fails, or that fails its
+    preflight, is reported and the sweep goes on); returns the complete traces and the points
+    left unfinished. Keeps `<folder>/index.json` (SweepIndex) up to date after every run.
+    Raises UsageError before any run for an argument error (check_grid).
     `base_settings.display` (a LiveDisplay), when set, gets a line per run and a sweep bar."""
+    check_grid(points, folder, base_settings)
     folder.mkdir(parents=True, exist_ok=True)
     runs = planned_runs(points, folder, repeats)
     index = SweepIndex(folder, runs, workload, base_settings, repeats)
@@ -170,7 +191,15 @@ def run_sweep(points: list[SweepPoint], folder: Path, workload: str, base_settin
             settings.metadata["warmup"] = "none: the previous repeat of this point ran just before"
         index.running(number)
         started = time.perf_counter()
-        run = run_trace(settings)
+        try:
+            run = run_trace(settings)
+        except UsageError as exc:  # its preflight: nothing ran, nothing to free
+            error = f"{type(exc).__name__}: {exc}"
+            report(f"sweep: {path.name} failed its preflight: {error}")
+            outcome.unfinished.append((path, error))
+            index.failed(number, error, time.perf_counter() - started)
+            warm_point = None
+            continue
         wall_s = time.perf_counter() - started
         if run.error is not None:
             kept = partial_path(path)

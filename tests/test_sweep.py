@@ -107,6 +107,46 @@ def test_a_failing_point_is_reported_and_left_out(tmp_path, capsys, monkeypatch)
     assert full["status"] == "done" and full["figures"]["ttft_ms"] > 0 and full["result"] == "full-p32-b1-o2.json"
 
 
+def test_a_point_over_the_models_context_is_recorded_failed_and_the_sweep_goes_on(tmp_path, capsys):
+    """A point whose prompt + output exceed the model's context fails its preflight: the index
+    marks it failed with the reason, the next point runs, the exit code says one did not finish."""
+    from kvprof.models import resolve_model
+    from kvprof.preflight import context_length
+
+    _, positions = context_length(resolve_model("tiny-llama", "random").config)
+    too_long = positions - 1  # with 2 output tokens: one over the context
+    args = ["sweep", "-p", "full", "--model", "tiny-llama", "--weights", "random", "--prompt-len",
+            f"{too_long},32", "--output-len", "2", "-o", str(tmp_path), "--no-plots"]
+    assert cli.main(args) == 1
+    out, err = capsys.readouterr()
+    impossible, fine = f"full-p{too_long}-b1-o2.arrow", "full-p32-b1-o2.arrow"
+    assert f"{impossible} failed its preflight" in out
+    assert f"sweep point {impossible} did not finish: UsageError: " in err and f"context of {positions}" in err
+    assert (tmp_path / fine).exists() and not (tmp_path / impossible).exists()
+    assert not partial_path(tmp_path / impossible).exists()  # nothing ran
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert index["status"] == {"failed": 1, "done": 1}
+    over, done = index["runs"]
+    assert (over["trace"], over["status"], over["out_of_memory"]) == (impossible, "failed", False)
+    assert over["error"].startswith("UsageError: ") and f"context of {positions}" in over["error"]
+    assert done["trace"] == fine and done["status"] == "done" and done["figures"]["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (["--dtype", "float7"], "--dtype 'float7'"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+    (["--opt-grid", "heavy_ratio=0.1,lots"], "heavy_ratio"),
+])
+def test_an_argument_no_point_can_pass_fails_before_any_run(tmp_path, capsys, mistake, message):
+    """Argument errors that do not depend on the model still stop the sweep at once (exit 2),
+    before it writes an index or runs a point."""
+    args = ["sweep", "-p", "full", "-p", "h2o", "--model", "tiny-llama", "--weights", "random",
+            "--prompt-len", "32", "--output-len", "2", "-o", str(tmp_path / "sweep"), "--no-plots", *mistake]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()
+
+
 class OutOfMemoryStrategy:
     """Runs out of device memory, and notes what the sweep's index said while it ran."""
 
