@@ -7,7 +7,6 @@
 #   part infinigen  ~5 min: InfiniGen, offload (both modes, both engines) at 8K and 32K, b1 and b8
 #   part infinigen-8k ~2 min: InfiniGen and full at 8K x 1 with the checks
 #   part infinigen-spec ~2 min: speculation's cost to the step, four ways (infinigen_spec.py, 8K x 1)
-#   part study      ~2 min: Figs 1 and 4 for full, offload, h2o, infinigen on one model (study_h200.py)
 #   part events     ~20 s: the host's cost per evict event, batches against one by one (event_batch_cost.py)
 #   part weights    moves the carried parts of SmolLM2's real weights (.device/weights/) to /tmp
 #   part retention  ~5 min: joins the weight parts and runs Figure 8's grid (retention_grid.py, cuda)
@@ -58,9 +57,6 @@ for part in "$@"; do
         infinigen-spec)
             python3 benchmarks/infinigen_spec.py /tmp/kvprof-infinigen-spec > "$OUT/infinigen-spec.log" 2>&1; rc=$?
             cp /tmp/kvprof-infinigen-spec/infinigen-spec.json "$OUT/" ;;
-        study)
-            python3 benchmarks/study_h200.py /tmp/kvprof-study > "$OUT/study.log" 2>&1; rc=$?
-            cp /tmp/kvprof-study/study.json "$OUT/" ;;
         events)
             python3 benchmarks/event_batch_cost.py > "$OUT/events.log" 2>&1; rc=$? ;;
         weights)

@@ -12,6 +12,11 @@ model-size comparison: Llama-3-8B and Llama-2-13B) share its plot, one line styl
 Only the sweeps' `index.json` and result files are read (`index.json` holds each run's key
 figures and decode-step split; the traces are not needed). Writes `<figure>.png`, `<figure>.md`
 and `profiler-cost.md` (kvprof's own share of each run, per strategy).
+
+vLLM is not in the sweeps; `--vllm-study FILE` (benchmarks/vllm_study.py's JSON) adds its points to
+Fig 1 (part `ttft`: kvprof's TTFT at batch 1) and Fig 4 (part `sweep`: kvprof's decode tokens/s and
+device KV peak per batch size) as a `vllm` line: medians over the JSON's rounds (the JSON keeps no
+spread), its device KV peak the largest over the rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,8 @@ class Point:
     options: dict[str, Any]
     params: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    # figures summarised already, name -> (median, rounds): vLLM's study JSON keeps no single runs
+    summarised: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     @property
     def done(self) -> list[dict[str, Any]]:
@@ -48,9 +56,14 @@ class Point:
         options = ",".join(f"{key}={value}" for key, value in self.options.items())
         return f"{self.strategy}[{options}]" if options else self.strategy
 
+    @property
+    def planned(self) -> int:
+        """The runs planned: the sweep's repeats, or the rounds behind a summarised figure."""
+        return len(self.runs) or max((rounds for _, rounds in self.summarised.values()), default=0)
+
     def failure(self) -> str | None:
         """'out of memory', 'failed: <error>', 'not run', or None when a run finished."""
-        if self.done:
+        if self.done or self.summarised:
             return None
         if any(run.get("out_of_memory") for run in self.runs):
             return "out of memory"
@@ -62,6 +75,9 @@ class Point:
 
     def stats(self, name: str) -> tuple[float, float, float, int] | None:
         """(median, min, max, n) of a figure over the finished repeats."""
+        if self.summarised:
+            given = self.summarised.get(name)
+            return None if given is None else (given[0], given[0], given[0], given[1])
         values = self.values(name)
         if not values:
             return None
@@ -102,6 +118,28 @@ def read_folder(folder: Path) -> tuple[list[Point], set[str]]:
         if run["status"] == "done" and result.is_file():
             machines.add(machine_of(json.loads(result.read_text()).get("environment") or {}))
     return list(points.values()), machines
+
+
+def read_vllm_study(path: Path) -> tuple[dict[str, list[Point]], str]:
+    """vLLM's points of Figs 1 and 4 from benchmarks/vllm_study.py's JSON, and the machine it names."""
+    study = json.loads(path.read_text())
+    parts, model = study.get("parts") or {}, study["model"]
+
+    def point(figure: str, row: dict[str, Any], axis: str, figures: dict[str, Any]) -> Point:
+        rounds = int(row.get("rounds") or 1)
+        return Point(figure, model, "vllm", {}, {axis: row[axis]},
+                     summarised={name: (float(value), rounds) for name, value in figures.items() if value is not None})
+
+    points = {
+        "fig1": [point("fig1", row, "prompt_len", {"ttft_ms": row.get("kvprof_ttft_ms_median")})
+                 for row in parts.get("ttft") or []],
+        "fig4": [point("fig4", row, "batch_size", {"decode_tokens_per_s": row.get("kvprof_decode_tokens_per_s"),
+                                                    "kv_device_peak_bytes": row.get("kv_device_peak_bytes")})
+                 for row in parts.get("sweep") or []],
+    }
+    where = (machine_of(study["environment"]) if study.get("environment")
+             else f"device {study.get('device', '?')}, machine not named in the JSON")
+    return points, f"vLLM {study.get('vllm_version', '?')} ({path.name}): {where}"
 
 
 # --- figures --------------------------------------------------------------------------------------
@@ -198,10 +236,11 @@ def draw(figure: Figure, points: list[Point], machines: set[str], path: Path) ->
     labelled = [ax for ax in axes.flat if ax.get_legend_handles_labels()[1]]
     if labelled:
         labelled[0].legend(fontsize=7)
-    repeats = max((len(p.runs) for p in points), default=0)
-    fig.suptitle(f"{figure.title} - median of up to {repeats} repeats, bars min-max, x at the bottom: "
-                 f"out of memory or failed\n{'; '.join(sorted(machines)) or 'no finished run'}; "
-                 f"{', '.join(models)} (random weights)", fontsize=9)
+    repeats = max((p.planned for p in points), default=0)
+    title = (f"{figure.title} - median of up to {repeats} repeats, bars min-max, x at the bottom: out of memory "
+             f"or failed", f"{'; '.join(sorted(machines)) or 'no finished run'}; {', '.join(models)} (random weights)")
+    width = int(fig.get_figwidth() * 15)  # characters of 9 pt text per inch, so a one-panel title is not cut off
+    fig.suptitle("\n".join(textwrap.fill(part, width) for part in title), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,6 +249,9 @@ def draw(figure: Figure, points: list[Point], machines: set[str], path: Path) ->
 def table(figure: Figure, points: list[Point], machines: set[str]) -> str:
     lines = [f"# {figure.title}", "", f"Machine: {'; '.join(sorted(machines)) or 'no finished run'}. "
              "Median over the finished repeats, spread min-max, n finished of the planned runs.", ""]
+    if any(point.summarised for point in points):
+        lines += ["vllm: kvprof's figures from vLLM's study JSON, medians over its rounds (the JSON keeps no "
+                  "spread); its device KV peak is the largest over the rounds.", ""]
     header = ["model", "strategy", *figure.curve, figure.axis] + [panel.ylabel for panel in figure.panels]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     ordered = sorted(points, key=lambda p: (p.model, p.label, *(p.params[c] for c in figure.curve),
@@ -226,7 +268,8 @@ def table(figure: Figure, points: list[Point], machines: set[str]) -> str:
             else:
                 median, low, high, n = (stats[0] / panel.scale, stats[1] / panel.scale, stats[2] / panel.scale,
                                         stats[3])
-                row.append(f"{median:.4g} [{low:.4g}-{high:.4g}] n={n}/{len(point.runs)}")
+                spread = "no spread kept" if point.summarised else f"[{low:.4g}-{high:.4g}]"
+                row.append(f"{median:.4g} {spread} n={n}/{point.planned}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -252,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (named fig1..., fig2..., ...)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--suffix", default="", help="appended to each file name (e.g. -h200)")
+    parser.add_argument("--vllm-study", type=Path, help="benchmarks/vllm_study.py's JSON: vLLM's points "
+                        "in Figs 1 and 4")
     args = parser.parse_args(argv)
     by_figure: dict[str, list[Point]] = {}
     machines: dict[str, set[str]] = {}
@@ -262,6 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         points, seen = read_folder(folder)
         by_figure.setdefault(figure, []).extend(points)
         machines.setdefault(figure, set()).update(seen)
+    sweep_machines = set().union(*machines.values())
+    if args.vllm_study:
+        vllm_points, vllm_machine = read_vllm_study(args.vllm_study)
+        for figure, points in vllm_points.items():
+            if points and figure in by_figure:  # vLLM's points beside the sweeps', never a figure of their own
+                by_figure[figure].extend(points)
+                machines[figure].add(vllm_machine)
     args.output.mkdir(parents=True, exist_ok=True)
     for key, points in sorted(by_figure.items()):
         figure = FIGURES[key]
@@ -272,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{figure.title}: {png}, {markdown}")
     every = [p for points in by_figure.values() for p in points]
     cost = args.output / f"profiler-cost{args.suffix}.md"
-    cost.write_text(profiler_cost(every, set().union(*machines.values())))
+    cost.write_text(profiler_cost(every, sweep_machines))
     print(f"profiler cost: {cost}")
     return 0
 

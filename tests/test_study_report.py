@@ -73,3 +73,31 @@ def test_a_study_part_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(run["decode_split_ms"]["step"] > 0 for run in index["runs"])
     assert study_report.main([str(tmp_path / "unpacked" / "fig2-8b"), "-o", str(tmp_path / "report")]) == 0
     assert "| tiny-llama | infinigen | 2 | 64 |" in (tmp_path / "report" / "fig2-infinigen-breakdown.md").read_text()
+
+
+def test_vllm_study_points_join_figs_1_and_4_from_its_json(tmp_path):
+    """The H200 sweeps and vLLM's study run as committed: vLLM's medians and rounds in the tables,
+    its line in the plots, nothing of it in kvprof's own cost."""
+    results = BENCHMARKS / "results"
+    with tarfile.open(results / "h200-sweeps-8b-a.tar.gz") as archive:
+        archive.extractall(tmp_path / "sweeps", filter="data")
+    vllm_json = results / "h200-vllm-study.json"
+    parts = json.loads(vllm_json.read_text())["parts"]
+    report = tmp_path / "report"
+    assert study_report.main([str(tmp_path / "sweeps" / "fig1-8b"), str(tmp_path / "sweeps" / "fig4-8b"),
+                              "--vllm-study", str(vllm_json), "-o", str(report)]) == 0
+
+    fig1 = (report / "fig1-ttft-vs-prompt.md").read_text()
+    assert "NVIDIA H200" in fig1 and "vLLM 0.26.0 (h200-vllm-study.json)" in fig1
+    for row in parts["ttft"]:
+        n = row["rounds"]
+        assert (f"| llama-3.1-8b | vllm | {row['prompt_len']} | {row['kvprof_ttft_ms_median']:.4g} no spread kept "
+                f"n={n}/{n} |") in fig1
+    fig4 = (report / "fig4-throughput-vs-batch.md").read_text()
+    for row in parts["sweep"]:
+        n = row["rounds"]
+        assert (f"| llama-3.1-8b | vllm | {row['batch_size']} | {row['kvprof_decode_tokens_per_s']:.4g} no spread "
+                f"kept n={n}/{n} | {row['kv_device_peak_bytes'] / 2**30:.4g} no spread kept n={n}/{n} | - |") in fig4
+    assert "| llama-3.1-8b | full | 64 |" in fig4  # the sweep's points stay
+    assert "vllm" not in (report / "profiler-cost.md").read_text().lower()
+    assert (report / "fig4-throughput-vs-batch.png").stat().st_size > 10_000
