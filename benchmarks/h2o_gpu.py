@@ -112,10 +112,10 @@ def time_mass_tiles(query: torch.Tensor, keys: torch.Tensor, positions: torch.Te
     from kvprof_h2o.mass_kernel import MassTiles, triton_mass
 
     out = {}
-    for tiles in (MassTiles(sum_late=False), MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2),
+    for tiles in (MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2),
                   MassTiles(32, 128, 8, 2), MassTiles(16, 64, 4, 3), MassTiles(16, 128, 4, 2),
                   MassTiles(16, 128, 8, 3), MassTiles(32, 128, 8, 3)):
-        name = f"{tiles.block_m}x{tiles.block_n}w{tiles.warps}s{tiles.stages}{'' if tiles.sum_late else '-sum-each'}"
+        name = f"{tiles.block_m}x{tiles.block_n}w{tiles.warps}s{tiles.stages}"
         try:
             out[name] = _median_ms(lambda t=tiles: triton_mass(query, keys, positions, 0.088, t), repeats)
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit the shared memory: say so, go on

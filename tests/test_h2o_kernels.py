@@ -14,10 +14,8 @@ import torch
 from kvprof_h2o.fast import _mass_is_conserved, torch_prefill_mass
 from kvprof_h2o.mass_kernel import MassTiles, triton_mass
 g = torch.Generator().manual_seed(0)
-# a group of 2 query heads, and of 3 (SmolLM2's: the stacked tile is padded to a power of two);
-# the mass summed once at the end of a key block's loop (the default) and after every query block
-for (Hq, Hkv), tiles in (((4, 2), MassTiles()), ((3, 1), MassTiles(block_m=16, block_n=32)),
-                         ((4, 2), MassTiles(sum_late=False))):
+# a group of 2 query heads, and of 3 (SmolLM2's: the stacked tile is padded to a power of two)
+for (Hq, Hkv), tiles in (((4, 2), MassTiles()), ((3, 1), MassTiles(block_m=16, block_n=32))):
     B, L, D = 2, 150, 16
     q, k = torch.randn(B, Hq, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
     pos = torch.arange(L).repeat(B, 1)

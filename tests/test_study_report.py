@@ -8,40 +8,17 @@ import sys
 import tarfile
 from pathlib import Path
 
-import torch
-
-from kvprof import cli, hookimpl
+from kvprof import cli
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import h200_sweeps  # noqa: E402
 import study_report  # noqa: E402
-
-
-class OutOfMemoryStrategy:
-    name = "oom"
-    options = ()
-
-    def run(self, ctx):
-        ctx.profiler.start()
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
-class OutOfMemoryPlugin:
-    @hookimpl
-    def kvprof_register_strategies(self, register):
-        register(OutOfMemoryStrategy)
+from sweep_runs import with_out_of_memory_strategy  # noqa: E402
 
 
 def test_the_report_draws_medians_with_spread_and_marks_points_out_of_memory(tmp_path, monkeypatch):
-    from kvprof import session, sweep
-    from kvprof.plugins import load_plugins
-
-    def with_oom_plugin():
-        return load_plugins(extra={"oom": OutOfMemoryPlugin()})
-
-    monkeypatch.setattr(session, "load_plugins", with_oom_plugin)
-    monkeypatch.setattr(sweep, "load_plugins", with_oom_plugin)
+    with_out_of_memory_strategy(monkeypatch)
     folder = tmp_path / "fig1-tiny"
     assert cli.main(["sweep", "-p", "full", "-p", "oom", "--model", "tiny-llama", "--weights", "random",
                      "--prompt-len", "32,48", "--output-len", "3", "--repeats", "2", "-o", str(folder),

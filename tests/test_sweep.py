@@ -1,13 +1,13 @@
 """`kvprof sweep`: the grid, resuming, and figures from real (tiny, random-weight) runs."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from kvprof import UsageError, WorkloadParams, cli, hookimpl
 from kvprof.sweep import parse_grid, plan
 from kvprof.trace import partial_path, read_trace
+from sweep_runs import OutOfMemoryStrategy, with_out_of_memory_strategy
 
 
 def test_option_axes_apply_only_to_plugins_that_take_them():
@@ -147,39 +147,10 @@ def test_an_argument_no_point_can_pass_fails_before_any_run(tmp_path, capsys, mi
     assert not (tmp_path / "sweep").exists()
 
 
-class OutOfMemoryStrategy:
-    """Runs out of device memory, and notes what the sweep's index said while it ran."""
-
-    name = "oom"
-    options = ()
-    index_seen: list = []
-
-    def run(self, ctx):
-        import torch
-
-        index = json.loads((Path(ctx.profiler.run.trace_path).parent / "index.json").read_text())
-        OutOfMemoryStrategy.index_seen.append([run["status"] for run in index["runs"]])
-        ctx.profiler.start()
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
-class OutOfMemoryPlugin:
-    @hookimpl
-    def kvprof_register_strategies(self, register):
-        register(OutOfMemoryStrategy)
-
-
 def test_the_index_lists_every_run_and_marks_out_of_memory_points(tmp_path, monkeypatch):
     """index.json: every planned run with its repeat, status and figures, written before and
     after each run (a killed sweep leaves it); a point out of memory is a failed run marked so."""
-    from kvprof import session, sweep
-    from kvprof.plugins import load_plugins
-
-    def with_oom_plugin():
-        return load_plugins(extra={"oom": OutOfMemoryPlugin()})
-
-    monkeypatch.setattr(session, "load_plugins", with_oom_plugin)
-    monkeypatch.setattr(sweep, "load_plugins", with_oom_plugin)
+    with_out_of_memory_strategy(monkeypatch)
     from kvprof_transformers.model_cache import MODELS
 
     MODELS.clear()  # the first run loads the model, the second reuses it
