@@ -13,10 +13,15 @@ Only the sweeps' `index.json` and result files are read (`index.json` holds each
 figures and decode-step split; the traces are not needed). Writes `<figure>.png`, `<figure>.md`
 and `profiler-cost.md` (kvprof's own share of each run, per strategy).
 
+`FIGURE=FOLDER` reads a folder as another figure's points: Fig 4's runs hold each request's E2E
+too, so `fig5=out/fig4-8b` draws Fig 5 from them (at Fig 4's output length).
+
 vLLM is not in the sweeps; `--vllm-study FILE` (benchmarks/vllm_study.py's JSON) adds its points to
-Fig 1 (part `ttft`: kvprof's TTFT at batch 1) and Fig 4 (part `sweep`: kvprof's decode tokens/s and
-device KV peak per batch size) as a `vllm` line: medians over the JSON's rounds (the JSON keeps no
-spread), its device KV peak the largest over the rounds.
+Fig 1 (part `ttft`: kvprof's TTFT at batch 1), Fig 4 (part `sweep`: kvprof's decode tokens/s and
+device KV peak per batch size) and Fig 5 (part `sweep`: kvprof's E2E median) as a `vllm` line:
+medians over the JSON's rounds (the JSON keeps no spread), its device KV peak the largest over the
+rounds. Workload parameters that differ between a figure's lines (vLLM's study used other output
+lengths than the sweeps) are named on each line and in a table column; the shared ones once.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from typing import Any
 STYLE = {"vllm": "k", "full": "tab:blue", "offload": "tab:orange", "h2o": "tab:green", "infinigen": "tab:red"}
 LINES = ["-", "--", ":", "-."]  # one per model
 GIB = 2**30
+# The workload parameters a reader compares points by. Those the figure neither plots on x nor
+# draws as curves of their own are either common to all its points (stated once) or differ between
+# its lines (vLLM's study used 128 new tokens where a sweep used 64): then each line names its value.
+WORKLOAD = ("prompt_len", "batch_size", "output_len")
 
 
 @dataclass
@@ -103,10 +112,9 @@ def machine_of(environment: dict[str, Any]) -> str:
     return f"CPU {hardware.get('cpu')}, {hardware.get('cpu_cores')} cores"
 
 
-def read_folder(folder: Path) -> tuple[list[Point], set[str]]:
-    """The points of one sweep folder and the machines its results name."""
+def read_folder(folder: Path, figure: str) -> tuple[list[Point], set[str]]:
+    """The points of one sweep folder, as points of `figure`, and the machines its results name."""
     index = json.loads((folder / "index.json").read_text())
-    figure = folder.name.split("-")[0]
     points: dict[str, Point] = {}
     machines: set[str] = set()
     for run in index["runs"]:
@@ -120,25 +128,28 @@ def read_folder(folder: Path) -> tuple[list[Point], set[str]]:
     return list(points.values()), machines
 
 
-def read_vllm_study(path: Path) -> tuple[dict[str, list[Point]], str]:
-    """vLLM's points of Figs 1 and 4 from benchmarks/vllm_study.py's JSON, and the machine it names."""
+def read_vllm_study(path: Path, machine: str | None = None) -> tuple[dict[str, list[Point]], str]:
+    """vLLM's points of Figs 1, 4 and 5 from benchmarks/vllm_study.py's JSON, and the machine it names."""
     study = json.loads(path.read_text())
     parts, model = study.get("parts") or {}, study["model"]
 
-    def point(figure: str, row: dict[str, Any], axis: str, figures: dict[str, Any]) -> Point:
+    def point(figure: str, row: dict[str, Any], figures: dict[str, Any]) -> Point:
         rounds = int(row.get("rounds") or 1)
-        return Point(figure, model, "vllm", {}, {axis: row[axis]},
+        params = {name: row[name] for name in WORKLOAD if name in row}
+        return Point(figure, model, "vllm", {}, params,
                      summarised={name: (float(value), rounds) for name, value in figures.items() if value is not None})
 
+    sweep = parts.get("sweep") or []
     points = {
-        "fig1": [point("fig1", row, "prompt_len", {"ttft_ms": row.get("kvprof_ttft_ms_median")})
-                 for row in parts.get("ttft") or []],
-        "fig4": [point("fig4", row, "batch_size", {"decode_tokens_per_s": row.get("kvprof_decode_tokens_per_s"),
-                                                    "kv_device_peak_bytes": row.get("kv_device_peak_bytes")})
-                 for row in parts.get("sweep") or []],
+        "fig1": [point("fig1", row, {"ttft_ms": row.get("kvprof_ttft_ms_median")}) for row in parts.get("ttft") or []],
+        "fig4": [point("fig4", row, {"decode_tokens_per_s": row.get("kvprof_decode_tokens_per_s"),
+                                     "kv_device_peak_bytes": row.get("kv_device_peak_bytes")}) for row in sweep],
+        "fig5": [point("fig5", row, {"e2e_ms_median": row.get("kvprof_e2e_ms_median")}) for row in sweep],
     }
-    where = (machine_of(study["environment"]) if study.get("environment")
-             else f"device {study.get('device', '?')}, machine not named in the JSON")
+    if study.get("environment"):
+        where = machine_of(study["environment"])
+    else:  # vllm_study.py's JSONs before it recorded its environment
+        where = machine or f"device {study.get('device', '?')}, machine not named in the JSON"
     return points, f"vLLM {study.get('vllm_version', '?')} ({path.name}): {where}"
 
 
@@ -184,8 +195,26 @@ FIGURES = {
 }
 
 
-def curve_name(point: Point, figure: Figure, models: list[str]) -> str:
-    parts = [point.label] + [f"{name.split('_')[0]} {point.params[name]}" for name in figure.curve]
+def differing(figure: Figure, points: list[Point]) -> tuple[str, ...]:
+    """The figure's curve parameters, then the workload parameters that differ between its points."""
+    rest = [name for name in WORKLOAD if name != figure.axis and name not in figure.curve]
+    return figure.curve + tuple(name for name in rest if len({p.params[name] for p in points if name in p.params}) > 1)
+
+
+def common(figure: Figure, points: list[Point]) -> str:
+    """'prompt_len 2048, output_len 64': the workload parameters every point of the figure has alike."""
+    shown = (figure.axis, *differing(figure, points))
+    shared = []
+    for name in WORKLOAD:
+        values = {p.params.get(name) for p in points}
+        if name not in shown and len(values) == 1 and None not in values:
+            shared.append(f"{name} {values.pop()}")
+    return ", ".join(shared) or "no parameter in common"
+
+
+def curve_name(point: Point, figure: Figure, points: list[Point], models: list[str]) -> str:
+    parts = [point.label] + [f"{name.split('_')[0]} {point.params.get(name, '?')}"
+                             for name in differing(figure, points)]
     if len(models) > 1:
         parts.append(point.model)
     return " ".join(parts)
@@ -203,7 +232,7 @@ def draw(figure: Figure, points: list[Point], machines: set[str], path: Path) ->
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), squeeze=False)
     curves: dict[str, list[Point]] = {}
     for point in points:
-        curves.setdefault(curve_name(point, figure, models), []).append(point)
+        curves.setdefault(curve_name(point, figure, points, models), []).append(point)
     for ax, panel in zip(axes.flat, figure.panels):
         for name, members in sorted(curves.items()):
             members.sort(key=lambda p: p.params[figure.axis])
@@ -237,8 +266,9 @@ def draw(figure: Figure, points: list[Point], machines: set[str], path: Path) ->
     if labelled:
         labelled[0].legend(fontsize=7)
     repeats = max((p.planned for p in points), default=0)
-    title = (f"{figure.title} - median of up to {repeats} repeats, bars min-max, x at the bottom: out of memory "
-             f"or failed", f"{'; '.join(sorted(machines)) or 'no finished run'}; {', '.join(models)} (random weights)")
+    title = (f"{figure.title} ({common(figure, points)}) - median of up to {repeats} repeats, bars min-max, "
+             "x at the bottom: out of memory or failed",
+             f"{'; '.join(sorted(machines)) or 'no finished run'}; {', '.join(models)} (random weights)")
     width = int(fig.get_figwidth() * 15)  # characters of 9 pt text per inch, so a one-panel title is not cut off
     fig.suptitle("\n".join(textwrap.fill(part, width) for part in title), fontsize=9)
     fig.tight_layout()
@@ -248,16 +278,19 @@ def draw(figure: Figure, points: list[Point], machines: set[str], path: Path) ->
 
 def table(figure: Figure, points: list[Point], machines: set[str]) -> str:
     lines = [f"# {figure.title}", "", f"Machine: {'; '.join(sorted(machines)) or 'no finished run'}. "
+             f"Every point: {common(figure, points)}. "
              "Median over the finished repeats, spread min-max, n finished of the planned runs.", ""]
     if any(point.summarised for point in points):
         lines += ["vllm: kvprof's figures from vLLM's study JSON, medians over its rounds (the JSON keeps no "
                   "spread); its device KV peak is the largest over the rounds.", ""]
-    header = ["model", "strategy", *figure.curve, figure.axis] + [panel.ylabel for panel in figure.panels]
+    columns = differing(figure, points)
+    header = ["model", "strategy", *columns, figure.axis] + [panel.ylabel for panel in figure.panels]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    ordered = sorted(points, key=lambda p: (p.model, p.label, *(p.params[c] for c in figure.curve),
+    ordered = sorted(points, key=lambda p: (p.model, p.label, *(str(p.params.get(c)) for c in columns),
                                             p.params[figure.axis]))
     for point in ordered:
-        row = [point.model, point.label, *(str(point.params[c]) for c in figure.curve), str(point.params[figure.axis])]
+        row = [point.model, point.label, *(str(point.params.get(c, "?")) for c in columns),
+               str(point.params[figure.axis])]
         failure = point.failure()
         for panel in figure.panels:
             stats = point.stats(panel.metric)
@@ -292,24 +325,32 @@ def profiler_cost(points: list[Point], machines: set[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="sweep folders (named fig1..., fig2..., ...)")
+    parser.add_argument("folders", nargs="+", help="sweep folders, named fig1..., fig2..., ...; FIGURE=FOLDER "
+                        "reads a folder as another figure's points (fig5=out/fig4-8b: E2E from Fig 4's runs)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--suffix", default="", help="appended to each file name (e.g. -h200)")
     parser.add_argument("--vllm-study", type=Path, help="benchmarks/vllm_study.py's JSON: vLLM's points "
-                        "in Figs 1 and 4")
+                        "in Figs 1, 4 and 5")
+    parser.add_argument("--vllm-machine", help="the machine of a --vllm-study JSON that does not name it "
+                        "(vllm_study.py's runs before it recorded its environment)")
     args = parser.parse_args(argv)
     by_figure: dict[str, list[Point]] = {}
     machines: dict[str, set[str]] = {}
-    for folder in args.folders:
-        figure = folder.name.split("-")[0]
+    runs_of: dict[Path, list[Point]] = {}  # each folder's points once, for kvprof's cost: a folder may feed two figures
+    for argument in args.folders:
+        figure, _, path = argument.rpartition("=")
+        folder = Path(path)
+        figure = figure or folder.name.split("-")[0]
         if figure not in FIGURES:
-            parser.error(f"{folder}: the folder's name must start with one of {', '.join(FIGURES)}")
-        points, seen = read_folder(folder)
+            parser.error(f"{argument}: name the figure (FIGURE=FOLDER) or start the folder's name with one of "
+                         f"{', '.join(FIGURES)}")
+        points, seen = read_folder(folder, figure)
         by_figure.setdefault(figure, []).extend(points)
         machines.setdefault(figure, set()).update(seen)
+        runs_of.setdefault(folder.resolve(), points)
     sweep_machines = set().union(*machines.values())
     if args.vllm_study:
-        vllm_points, vllm_machine = read_vllm_study(args.vllm_study)
+        vllm_points, vllm_machine = read_vllm_study(args.vllm_study, args.vllm_machine)
         for figure, points in vllm_points.items():
             if points and figure in by_figure:  # vLLM's points beside the sweeps', never a figure of their own
                 by_figure[figure].extend(points)
@@ -322,9 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         markdown = args.output / f"{figure.name}{args.suffix}.md"
         markdown.write_text(table(figure, points, machines[key]) + f"\n![{figure.title}]({png.name})\n")
         print(f"{figure.title}: {png}, {markdown}")
-    every = [p for points in by_figure.values() for p in points]
     cost = args.output / f"profiler-cost{args.suffix}.md"
-    cost.write_text(profiler_cost(every, sweep_machines))
+    cost.write_text(profiler_cost([p for points in runs_of.values() for p in points], sweep_machines))
     print(f"profiler cost: {cost}")
     return 0
 

@@ -57,6 +57,7 @@ from kvprof import WorkloadParams, WorkloadSpec  # noqa: E402
 from kvprof.analysis.common import distribution  # noqa: E402
 from kvprof.analysis.summary import summary as trace_summary  # noqa: E402
 from kvprof.models import resolve_model  # noqa: E402
+from kvprof.profiler import describe_environment  # noqa: E402
 from kvprof.session import default_device  # noqa: E402
 from kvprof.strategy import parse_options  # noqa: E402
 from kvprof.trace import read_trace  # noqa: E402
@@ -427,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"model": model.name, "weights": model.weights, "device": default_device(),
                                "vllm_version": vllm.__version__, "options": options, "plan": dataclasses.asdict(plan),
                                "parts_asked": args.part_list, "deadline_s": args.deadline_s, "parts": {},
-                               "part_seconds": {}}
+                               "part_seconds": {}, "environment": describe_environment(default_device())}
     with plain_engine(model, spec, options) as plain, observed_engine(model, spec, options) as observed, \
             tempfile.TemporaryDirectory() as folder:
         figures["engines_ready_s"] = time.monotonic() - STARTED

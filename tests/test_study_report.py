@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from kvprof import cli
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -52,29 +54,47 @@ def test_a_study_part_runs_end_to_end_on_the_cpu(tmp_path):
     assert "| tiny-llama | infinigen | 2 | 64 |" in (tmp_path / "report" / "fig2-infinigen-breakdown.md").read_text()
 
 
-def test_vllm_study_points_join_figs_1_and_4_from_its_json(tmp_path):
+def test_vllm_study_points_join_figs_1_4_and_5_from_its_json(tmp_path):
     """The H200 sweeps and vLLM's study run as committed: vLLM's medians and rounds in the tables,
-    its line in the plots, nothing of it in kvprof's own cost."""
+    its line in the plots, nothing of it in kvprof's own cost. Fig 5 is read from Fig 4's runs
+    (fig5=FOLDER); vLLM's study ran 128 new tokens where the sweep ran 64, so each row says which."""
     results = BENCHMARKS / "results"
     with tarfile.open(results / "h200-sweeps-8b-a.tar.gz") as archive:
         archive.extractall(tmp_path / "sweeps", filter="data")
     vllm_json = results / "h200-vllm-study.json"
     parts = json.loads(vllm_json.read_text())["parts"]
     report = tmp_path / "report"
-    assert study_report.main([str(tmp_path / "sweeps" / "fig1-8b"), str(tmp_path / "sweeps" / "fig4-8b"),
-                              "--vllm-study", str(vllm_json), "-o", str(report)]) == 0
+    fig4_runs = tmp_path / "sweeps" / "fig4-8b"
+    assert study_report.main([str(tmp_path / "sweeps" / "fig1-8b"), str(fig4_runs), f"fig5={fig4_runs}",
+                              "--vllm-study", str(vllm_json), "--vllm-machine", "NVIDIA H200 (its log)",
+                              "-o", str(report)]) == 0
 
     fig1 = (report / "fig1-ttft-vs-prompt.md").read_text()
-    assert "NVIDIA H200" in fig1 and "vLLM 0.26.0 (h200-vllm-study.json)" in fig1
+    assert "NVIDIA H200 (CUDA 13.0" in fig1 and "vLLM 0.26.0 (h200-vllm-study.json): NVIDIA H200 (its log)" in fig1
+    assert "Every point: batch_size 1." in fig1
     for row in parts["ttft"]:
         n = row["rounds"]
         assert (f"| llama-3.1-8b | vllm | {row['prompt_len']} | {row['kvprof_ttft_ms_median']:.4g} no spread kept "
                 f"n={n}/{n} |") in fig1
     fig4 = (report / "fig4-throughput-vs-batch.md").read_text()
+    fig5 = (report / "fig5-e2e-vs-batch.md").read_text()
+    assert "Every point: prompt_len 2048." in fig4 and "| model | strategy | output_len | batch_size |" in fig5
     for row in parts["sweep"]:
-        n = row["rounds"]
-        assert (f"| llama-3.1-8b | vllm | {row['batch_size']} | {row['kvprof_decode_tokens_per_s']:.4g} no spread "
-                f"kept n={n}/{n} | {row['kv_device_peak_bytes'] / 2**30:.4g} no spread kept n={n}/{n} | - |") in fig4
-    assert "| llama-3.1-8b | full | 64 |" in fig4  # the sweep's points stay
+        n, key = row["rounds"], f"| llama-3.1-8b | vllm | 128 | {row['batch_size']} |"
+        assert (f"{key} {row['kvprof_decode_tokens_per_s']:.4g} no spread kept n={n}/{n} | "
+                f"{row['kv_device_peak_bytes'] / 2**30:.4g} no spread kept n={n}/{n} | - |") in fig4
+        assert f"{key} {row['kvprof_e2e_ms_median']:.4g} no spread kept n={n}/{n} |" in fig5
+    index = json.loads((fig4_runs / "index.json").read_text())
+    full_b64 = [run["figures"]["e2e_ms_median"] for run in index["runs"]
+                if run["strategy"] == "full" and run["params"]["batch_size"] == 64]
+    assert (f"| llama-3.1-8b | full | 64 | 64 | {sorted(full_b64)[1]:.4g} [{min(full_b64):.4g}-{max(full_b64):.4g}] "
+            "n=3/3 |") in fig5
     assert "vllm" not in (report / "profiler-cost.md").read_text().lower()
     assert (report / "fig4-throughput-vs-batch.png").stat().st_size > 10_000
+    assert (report / "fig5-e2e-vs-batch.png").stat().st_size > 10_000
+
+
+def test_a_folder_named_for_no_figure_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study_report.main([f"fig9={tmp_path}", "-o", str(tmp_path / "report")])
+    assert exit_.value.code == 2 and "fig9=" in capsys.readouterr().err
