@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from kvprof import Request, UsageError
-from kvprof_vllm.plugin import VLLM_OPTIONS
+from kvprof_vllm.options import VLLM_OPTIONS
 
 if TYPE_CHECKING:
     from kvprof import ModelSpec
