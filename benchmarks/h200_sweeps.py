@@ -11,7 +11,7 @@ A part runs its grids one after another, each a `kvprof sweep` process (one mode
 runs). A grid that would run past the part's deadline (`--deadline`, 510 s: the call's 600 s less
 install, start-up and packing) is interrupted: its index.json says which runs finished, and calling
 the part again while the machine is warm resumes it (finished traces are kept in --work). The
-estimate comes from the H200 figures of earlier sessions (ESTIMATE below); a part prints it first.
+estimate comes from the H200 figures of earlier sessions (the constants below); a part prints it first.
 """
 
 from __future__ import annotations
@@ -74,22 +74,20 @@ PARTS: dict[str, list[Sweep]] = {
 # H200 figures of earlier sessions (benchmarks/results/h200-study.json, RESULTS.md), Llama-3-8B,
 # random weights, bf16, kvprof's fast engine: ms per decode step as base + slope per 1K tokens of
 # context in the batch (batch x (prompt + output)), prefill at ~25K tokens/s (H2O 1.7x at 32K).
-ESTIMATE = {
-    "process_s": 25.0,     # python, torch and transformers imports, the model build (11 s), plugins
-    "run_overhead_s": 0.8,  # per run: workload, environment, trace written, result and index read back
-    "prefill_tokens_per_s": 25_000.0,
-    "itl_ms": {"full": (7.0, 0.04), "h2o": (7.0, 0.02), "offload": (7.7, 2.5), "infinigen": (8.0, 0.75)},
-}
+PROCESS_S = 25.0       # python, torch and transformers imports, the model build (11 s), plugins
+RUN_OVERHEAD_S = 0.8   # per run: workload, environment, trace written, result and index read back
+PREFILL_TOKENS_PER_S = 25_000.0
+ITL_MS = {"full": (7.0, 0.04), "h2o": (7.0, 0.02), "offload": (7.7, 2.5), "infinigen": (8.0, 0.75)}
 MODEL_SCALE = {"llama-3.1-8b": (1.0, 1.0), "llama-2-13b": (1.6, 6.25)}  # (weights/compute, KV bytes per token)
 
 
 def run_seconds(strategy: str, prompt: int, batch: int, output: int, model: str) -> float:
     compute, kv = MODEL_SCALE[model]
-    base, slope = ESTIMATE["itl_ms"][strategy]
+    base, slope = ITL_MS[strategy]
     context_k = batch * (prompt + output) / 1024
     itl_ms = max(base * compute, slope * kv * context_k) if strategy == "offload" else \
         base * compute + slope * kv * context_k
-    prefill = batch * prompt / ESTIMATE["prefill_tokens_per_s"] * compute
+    prefill = batch * prompt / PREFILL_TOKENS_PER_S * compute
     if strategy == "h2o" and prompt >= 16384:
         prefill *= 1.7
     return prefill + output * itl_ms / 1e3
@@ -116,10 +114,10 @@ def estimate(sweep: Sweep, extra: list[str], model: str, repeats: int) -> float:
     for run in runs:
         key = (run["strategy"], run["prompt"], run["batch"], run["output"])
         points[key] = points.get(key, 0) + 1
-    total = ESTIMATE["process_s"]
+    total = PROCESS_S
     for (strategy, prompt, batch, output), count in points.items():
         one = run_seconds(strategy, prompt, batch, output, model)
-        total += (count + 1) * one + count * ESTIMATE["run_overhead_s"]
+        total += (count + 1) * one + count * RUN_OVERHEAD_S
     return total
 
 
@@ -225,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def grid_estimate(sweep: Sweep, smoke: bool) -> float:
-    """Seconds on the H200 (ESTIMATE); 0 for a smoke run (no CPU figures to estimate from)."""
+    """Seconds on the H200 (by the constants above); 0 for a smoke run (no CPU figures to estimate from)."""
     grid = grid_args(sweep, smoke)
     repeats = int(option(["--repeats", "3", *grid], "--repeats", "3"))
     return 0.0 if smoke else estimate(sweep, grid, model_of(sweep, grid), repeats)

@@ -231,10 +231,11 @@ def measure_batch(bench: Bench, args: argparse.Namespace, batch: int,
 
 def summarize_batch(bench: Bench, args: argparse.Namespace, batch: int, rounds: list[dict[str, Any]],
                     trace_path: Path) -> dict[str, Any]:
-    def column(mode: str, name: str) -> list[float]:
+    def column(mode: str, name: str) -> list[Any]:
         return [r[mode][name] for r in rounds]
 
     config = bench.model.config
+    assert config is not None, "the bandwidth limit needs the model's config"
     kv_per_token = bench.observed.observer.token_bytes
     weights = weights_bytes(config)
     kv = batch * (args.prompt_len + args.output_len // 2) * kv_per_token
