@@ -1,4 +1,5 @@
-"""kvprof's modules import each other without a cycle, read from the sources with ast.
+"""kvprof's modules, and those of the plugins in this repository, import each other without a
+cycle, read from the sources with ast.
 
 Only imports that run when a module is imported count: those at module level or in a class
 body, including inside `try` and plain `if`. Imports inside functions run later (kvprof defers
@@ -13,11 +14,15 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_ROOT = Path(__file__).parents[1] / "kvprof"
+REPOSITORY = Path(__file__).parents[1]
+PACKAGE_ROOT = REPOSITORY / "kvprof"
+# the core and the plugins' packages in one graph: a plugin importing another (h2o -> transformers) counts
+PACKAGE_ROOTS = [PACKAGE_ROOT, *sorted(init.parent for init in (REPOSITORY / "plugins").glob("**/__init__.py")
+                                       if init.parent.name.startswith("kvprof_"))]
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -57,7 +62,7 @@ def resolve(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, 
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = {module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
+    files = {module_name(path, root): path for root in PACKAGE_ROOTS for path in root.rglob("*.py")}
     graph = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -90,9 +95,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_kvprof_has_no_runtime_import_cycle() -> None:
+def test_kvprof_and_its_plugins_have_no_runtime_import_cycle() -> None:
     graph = import_graph()
-    assert {"kvprof", "kvprof.errors", "kvprof.cli", "kvprof.trace.reader"} <= set(graph)
+    assert {"kvprof", "kvprof.errors", "kvprof.cli", "kvprof.trace.reader", "kvprof_h2o.plugin",
+            "kvprof_streamingllm.policy", "kvprof_vllm.engine", "kvprof_transformers.runner"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
@@ -119,5 +125,5 @@ def test_the_graph_sees_the_cycles_that_run(tmp_path: Path, monkeypatch: pytest.
     (package / "__init__.py").write_text("")
     for name, text in source.items():
         (package / f"{name}.py").write_text(text)
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE_ROOT", package)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE_ROOTS", [package])
     assert find_cycle(import_graph()) == cycle
