@@ -32,7 +32,7 @@ demo: setup
 		--prompt-len 1024 --output-len 12 --batch-size 2 -o traces/demo.arrow
 	$(VENV)/bin/kvprof analyze traces/demo.arrow
 
-# ruff over the repository, mypy over the core (the [tool.ruff] and [tool.mypy] sections of pyproject.toml).
+# ruff over the repository, mypy over the core and the benchmarks (the [tool.ruff] and [tool.mypy] sections of pyproject.toml).
 lint: setup
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy

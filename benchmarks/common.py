@@ -14,6 +14,15 @@ from kvprof import Profiler, RunContext, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.plugins import Registry, load_plugins
 from kvprof.strategy import parse_options
 from kvprof_transformers.loading import LoadedModel
+from kvprof_transformers.plugin import TransformersStrategy
+
+
+def on_loaded_model(registry: Registry, name: str) -> TransformersStrategy:
+    """A strategy that can run on a model already loaded (the transformers engine's)."""
+    strategy = registry.strategy(name)()
+    if not isinstance(strategy, TransformersStrategy):
+        raise SystemExit(f"{name}: not a transformers strategy, it cannot run on a loaded model")
+    return strategy
 
 
 def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, raw_options: dict[str, str],
@@ -31,7 +40,7 @@ def run_strategy(registry: Registry, name: str, spec: Any, loaded: LoadedModel, 
                          device=str(loaded.device), seed=workload.params.seed, detail=detail)
     error = None
     try:
-        strategy_cls().run_loaded(context, loaded)
+        on_loaded_model(registry, name).run_loaded(context, loaded)
     except BaseException as exc:
         error = exc
         raise

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead" not in skip:
         figures["overhead"] = []
         for batch in map(int, args.batches.split(",")):
-            row = measure_overhead(loaded, "full", args.overhead_prompt_len, args.overhead_output_len, batch,
+            row = measure_overhead(loaded, spec, "full", args.overhead_prompt_len, args.overhead_output_len, batch,
                                    args.overhead_repeats, args.out_dir)
             figures["overhead"].append(row)
             print(json.dumps(row), flush=True)

@@ -107,11 +107,13 @@ def time_attention_with_lse(query: torch.Tensor, keys: torch.Tensor, positions: 
     return out
 
 
-def time_mass_tiles(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, repeats: int) -> dict[str, float]:
-    """The Triton mass kernels at a few tile sizes and launch settings (medians, ms), to choose the default."""
+def time_mass_tiles(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                    repeats: int) -> dict[str, float | str]:
+    """The Triton mass kernels at a few tile sizes and launch settings (medians, ms; the error's name
+    where a tile does not fit), to choose the default."""
     from kvprof_h2o.mass_kernel import MassTiles, triton_mass
 
-    out = {}
+    out: dict[str, float | str] = {}
     for tiles in (MassTiles(), MassTiles(32, 64, 8, 3), MassTiles(64, 64, 8, 2),
                   MassTiles(32, 128, 8, 2), MassTiles(16, 64, 4, 3), MassTiles(16, 128, 4, 2),
                   MassTiles(16, 128, 8, 3), MassTiles(32, 128, 8, 3)):
@@ -133,7 +135,7 @@ def decode_layer_state(device: str, batch: int, width: int, generator: torch.Gen
 
     kept = width - 1
     recent = kept // 2
-    options = {"device": device, "generator": generator}
+    options: dict[str, Any] = {"device": device, "generator": generator}
     older = torch.rand(batch, kv_heads, prompt_len - recent, **options).argsort(-1)[..., :kept - recent]
     held = torch.cat([older.sort(-1).values,
                       torch.arange(prompt_len - recent, prompt_len, device=device).expand(batch, kv_heads, recent)], -1)
@@ -213,7 +215,7 @@ def time_decode_layer(device: str, batch: int, width: int = 1640, layers: int = 
     inputs = [decode_layer_inputs(state, 32, generator) for state in states]
     splits = default_splits(batch * 8, width, torch.device(device))
     out: dict[str, Any] = {"batch_size": batch, "width": width, "default_splits": splits}
-    plans = [("torch_ms", "torch", None), ("kernel_ms", "kernel", None)]
+    plans: list[tuple[str, str, int | None]] = [("torch_ms", "torch", None), ("kernel_ms", "kernel", None)]
     plans += [(f"kernel_ms_splits_{n}", "kernel", n) for n in sweep]
     for name, path, n in plans:
         def every_layer(path: str = path, n: int | None = n) -> None:
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures["decode_layer"]), flush=True)
     rows = figures["runs"] = []
     for batch in map(int, args.batches.split(",")):
-        plan = [("full", {}, "layer"), ("h2o", {}, "layer"), ("h2o", {}, "step")]
+        plan: list[tuple[str, dict[str, str], str]] = [("full", {}, "layer"), ("h2o", {}, "layer"), ("h2o", {}, "step")]
         plan += [("h2o", {"engine": "eager"}, "layer")] if batch == 1 else [("h2o", {}, "head")]
         for name, options, detail in plan:
             row = measure(loaded, spec, registry, name, options, batch, prompt_len, output_len, args.out_dir, detail)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from kvprof.analysis.retention import retention
 from kvprof.cli import main as kvprof
@@ -36,11 +37,11 @@ def trace(path: Path, plugin: str, options: dict[str, str], args: argparse.Names
     return path
 
 
-def run_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def run_all(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Trace every (depth, strategy) and sum the retention figures per strategy."""
     budgets = [float(b) for b in args.budgets.split(",")]
     depths = [float(d) for d in args.depths.split(",")] if args.workload == "passkey" else [0.5]
-    totals: dict[str, dict[str, float]] = {}
+    totals: dict[str, dict[str, Any]] = {}
     for depth in depths:
         stem = f"{args.workload}-{args.context}-d{depth:g}"
         full = read_trace(trace(args.out / f"{stem}-full.arrow", "full", {}, args, depth))
@@ -63,7 +64,7 @@ def run_all(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return totals
 
 
-def print_table(totals: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+def print_table(totals: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"{args.workload}, {args.context}-token contexts, model {args.model}")
     print(f"{'run':>10} {'accuracy':>10} {'full':>10} {'ratio':>7} {'agree':>7} {'kept':>7}")
     for name, t in totals.items():

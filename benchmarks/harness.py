@@ -83,7 +83,8 @@ def run_harness(model, prompts: torch.Tensor, new_tokens: int, rounds: int = 3) 
         cache.slot.add_(1)
 
     graph = torch.cuda.CUDAGraph()
-    ttft, steps = [], []
+    ttft: list[float] = []
+    steps: list[float] = []
     try:
         with torch.inference_mode():
             for round_index in range(rounds + 1):

@@ -53,7 +53,7 @@ from kvprof.trace import Trace, read_trace
 from kvprof_transformers.loading import LoadedModel, load_model
 
 # (label, strategy, options)
-RUNS = (
+RUNS: tuple[tuple[str, str, dict[str, str]], ...] = (
     ("full", "full", {}),
     ("offload_overlap", "offload", {"overlap": "true"}),
     ("offload_no_overlap", "offload", {"overlap": "false"}),
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_model("tiny-llama" if args.smoke else "llama-3-8b", "random")
     infinigen_options = dict(pair.split("=", 1) for pair in args.opt)
     if args.smoke:
-        spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**spec.config, "num_hidden_layers": 4})
+        spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**(spec.config or {}), "num_hidden_layers": 4})
         infinigen_options.setdefault("calibration_tokens", "64")
         args.configs, args.output_len, args.skip_steps = "96x1,96x2", 6, 1
         args.speculation = "256x1,256x2"
@@ -258,12 +258,12 @@ def gpu_checks(loaded: LoadedModel, spec: Any, registry: Registry, out_dir: Path
                 scores = torch.einsum("bkgc,bksc->bkgs", query, keys) * 0.3
                 old_positions, old_count = select_tokens(scores[..., :held], 4.0, cap)
                 positions = torch.zeros(2, 8, cap, dtype=torch.long, device=device)
-                count = torch.zeros(1, dtype=torch.long, device=device)
+                selected = torch.zeros(1, dtype=torch.long, device=device)
                 select_fused(query, keys, 0.3, 4.0, cap, torch.tensor([held], device=device),
                              torch.empty(16, 4096, device=device), torch.empty(16, dtype=torch.int32, device=device),
-                             positions, count)
+                             positions, selected)
                 n = int(old_count)
-                if int(count) != n or not torch.equal(positions[..., :n], old_positions[..., :n]):
+                if int(selected) != n or not torch.equal(positions[..., :n], old_positions[..., :n]):
                     mismatches += 1
             result["fused_selection_mismatches_of_10"] = mismatches
         result["fused_selection"] = fused_selection_available(device)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_model("smollm2-135m")
     loaded = load_model(spec, "cpu")
     registry = load_plugins().registry
-    configs = [("full", {})] + [("infinigen", {"alpha": a, "budget": b})
+    configs: list[tuple[str, dict[str, Any]]] = [("full", {})] + [("infinigen", {"alpha": a, "budget": b})
                                 for a in args.alphas.split(",") for b in args.budgets.split(",")]
     results: list[dict[str, Any]] = []
     baseline: dict[str, Trace] = {}

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = resolve_model("tiny-llama" if args.smoke else "llama-3-8b", "random")
     options = dict(pair.split("=", 1) for pair in args.opt)
     if args.smoke:
-        spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**spec.config, "num_hidden_layers": 4})
+        spec = dataclasses.replace(spec, name=f"{spec.name}-4l", config={**(spec.config or {}), "num_hidden_layers": 4})
         options.setdefault("calibration_tokens", "64")
         args.config, args.output_len, args.rounds, args.skip_steps = "96x1", 6, 2, 1
     prompt_len, batch = map(int, args.config.split("x"))

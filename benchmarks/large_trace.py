@@ -52,7 +52,7 @@ def write(path: Path, target_events: int) -> tuple[int, float]:
                  "probe": {"kind": "passkey", "answer": "12345", "spans": [list(span)], "asked": 0, "depth": 0.4}}
                 for i in range(batches * BATCH)]
     run = RunInfo(
-        plugin="h2o", options={"heavy_ratio": 0.1, "recent_ratio": 0.1}, device="cuda",
+        strategy="h2o", options={"heavy_ratio": 0.1, "recent_ratio": 0.1}, device="cuda",
         model={"name": "synthetic", "weights": "random",
                "config": {"num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS}},
         workload={"name": "passkey", "params": {"prompt_len": PROMPT, "output_len": OUTPUT, "batch_size": BATCH},

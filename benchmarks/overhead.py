@@ -25,14 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvprof import Profiler, RunContext, RunInfo, WorkloadParams, WorkloadSpec
+from common import on_loaded_model  # beside this file
+from kvprof import ModelSpec, Profiler, RunContext, RunInfo, WorkloadParams, WorkloadSpec
 from kvprof.models import resolve_model
 from kvprof.plugins import load_plugins
 from kvprof.strategy import parse_options
 from kvprof_transformers.loading import LoadedModel, load_model
 
 
-def timed_run(loaded: LoadedModel, strategy: str, workload: WorkloadSpec, enabled: bool, trace_dir: Path) -> float:
+def timed_run(loaded: LoadedModel, spec: ModelSpec, strategy: str, workload: WorkloadSpec, enabled: bool,
+              trace_dir: Path) -> float:
     """Seconds of one run of `strategy` on the loaded model, profiler on (all sinks) or off."""
     registry = load_plugins().registry
     strategy_cls = registry.strategy(strategy)
@@ -43,16 +45,16 @@ def timed_run(loaded: LoadedModel, strategy: str, workload: WorkloadSpec, enable
                   trace_path=str(trace_dir / f"{time.monotonic_ns()}.arrow") if enabled else None,
                   sinks_enabled=enabled)
     profiler = Profiler(load_plugins().manager, run, enabled=enabled)
-    context = RunContext(model=None, workload=workload, options=options, profiler=profiler, device=device)
+    context = RunContext(model=spec, workload=workload, options=options, profiler=profiler, device=device)
     started = time.perf_counter()
-    strategy_cls().run_loaded(context, loaded)
+    on_loaded_model(registry, strategy).run_loaded(context, loaded)
     _synchronize(loaded)
     elapsed = time.perf_counter() - started
     profiler.end()
     return elapsed
 
 
-def measure_overhead(loaded: LoadedModel, strategy: str, prompt_len: int, output_len: int, batch: int,
+def measure_overhead(loaded: LoadedModel, spec: ModelSpec, strategy: str, prompt_len: int, output_len: int, batch: int,
                      repeats: int, trace_dir: Path) -> dict[str, Any]:
     """Interleaved on/off decode time per token; medians, IQRs and the SM clock."""
 
@@ -63,8 +65,8 @@ def measure_overhead(loaded: LoadedModel, strategy: str, prompt_len: int, output
     long_run, short_run = workload(output_len), workload(1)
 
     def per_token(enabled: bool) -> float:
-        full = timed_run(loaded, strategy, long_run, enabled, trace_dir)
-        prefill = timed_run(loaded, strategy, short_run, enabled, trace_dir)
+        full = timed_run(loaded, spec, strategy, long_run, enabled, trace_dir)
+        prefill = timed_run(loaded, spec, strategy, short_run, enabled, trace_dir)
         return (full - prefill) / (output_len - 1)
 
     clocks_before = sm_clock_mhz(loaded)
@@ -135,9 +137,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    loaded = load_model(resolve_model(args.model, args.weights), args.device)
+    spec = resolve_model(args.model, args.weights)
+    loaded = load_model(spec, args.device)
     with tempfile.TemporaryDirectory() as folder:
-        figures = measure_overhead(loaded, args.strategy, args.prompt_len, args.output_len, args.batch_size,
+        figures = measure_overhead(loaded, spec, args.strategy, args.prompt_len, args.output_len, args.batch_size,
                                    args.repeats, Path(folder))
     print(f"decode time per token, median of {args.repeats} interleaved ({args.model}, {args.device}, "
           f"prompt {args.prompt_len}, batch {args.batch_size}):")

@@ -100,8 +100,8 @@ def main() -> None:
             return outputs
 
         run_plain(), run_kvprof()  # warm-up, excluded
-        for figures in (per_wall_s["plain"], per_wall_s["kvprof"], per_cpu_s["plain"], per_cpu_s["kvprof"], own_share):
-            figures.clear()
+        for series in (per_wall_s["plain"], per_wall_s["kvprof"], per_cpu_s["plain"], per_cpu_s["kvprof"], own_share):
+            series.clear()
         for _ in range(args.repeats):
             plain_outputs, kvprof_outputs = run_plain(), run_kvprof()
             same_tokens &= all(list(plain_outputs[rid].outputs[0].token_ids) == list(output.outputs[0].token_ids)

@@ -40,7 +40,7 @@ RECENT = 0.05  # H2O's recent window, a fraction of the prompt; heavy hitters ta
 
 def strategies(budgets: list[float]) -> list[tuple[str, dict[str, str]]]:
     """(plugin, options) of every line of the figure: full, then h2o and infinigen per budget."""
-    runs = [("full", {})]
+    runs: list[tuple[str, dict[str, str]]] = [("full", {})]
     runs += [("h2o", {"heavy_ratio": f"{budget - RECENT:g}", "recent_ratio": f"{RECENT:g}"}) for budget in budgets]
     runs += [("infinigen", {"budget": f"{budget:g}"}) for budget in budgets]
     return runs

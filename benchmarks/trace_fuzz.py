@@ -74,6 +74,7 @@ def run_all(trace: Path, mutations: int, cut_share: float) -> list[dict]:
         command = [sys.executable, __file__, "--worker", "--trace", str(trace), "--start", str(next_seed),
                    "--mutations", str(mutations), "--cut-share", str(cut_share)]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert process.stdout is not None  # stdout=PIPE
         for line in process.stdout:
             records.append(json.loads(line))
             next_seed = records[-1]["seed"] + 1
