@@ -319,7 +319,7 @@ def token_survival(trace: Trace) -> dict[str, Any]:
             cached = first_gone[None] >= produced_by[:, None, None, None]            # (tokens, L, H, span)
             share = cached.mean(axis=-1)                                             # (tokens, L, H)
             spans_out.append(_span_record(request, span_index, end - start, share))
-    return _summary(spans_out, layers, heads, "per answer token: the cache the token was computed from")
+    return _summary(spans_out, layers, heads, "as each answer token was computed (the cache it was computed from)")
 
 
 def _first_forward(named: np.ndarray, start: int, end: int, layers: int, heads: int) -> np.ndarray:
@@ -376,7 +376,7 @@ def fetched_coverage(trace: Trace) -> dict[str, Any] | None:
             np.add.at(share, (cells[:, 0], cells[:, 1], cells[:, 2]), 1.0 / size)
             spans_out.append(_span_record(request, span_index, size, share))
     return {"available": True, **_summary(spans_out, layers, heads,
-                                          "per answer token: the positions fetched for the forward that computed it")}
+                                          "as each answer token was computed (the positions fetched for its forward)")}
 
 
 def _list_keys(table: pa.Table, rows: np.ndarray, tag: np.ndarray, layers: int, heads: int) -> np.ndarray:

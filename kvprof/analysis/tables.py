@@ -191,7 +191,7 @@ def retention_tables(result: dict[str, Any]) -> list[Table]:
         ["request", "span", "asked", "tokens", "mean", "min", "worst layer"],
         [[s["request_id"], s["span"], s["asked"], s["tokens"], Q(s["mean"], "share"), Q(s["min"], "share"),
           _worst_layer(s["per_layer"])] for s in survival["spans"]],
-        notes=[f"share of each fact span's tokens still cached at the {survival['moment']}, over "
+        notes=[f"share of each fact span's tokens still cached {survival['moment']}, over "
                f"{survival['layers']} layers x {survival['kv_heads']} KV heads; worst layer: lowest mean over "
                "heads; per layer and head in --json"],
     )
