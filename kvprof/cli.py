@@ -537,10 +537,13 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     from kvprof.scaffold import new_plugin
 
     target = new_plugin(args.name, Path(args.dir))
-    print(f"created {target}\n"
-          f"  pip install -e {target}        # registers the entry point: kvprof plugins lists {args.name}\n"
-          f"  pytest {target / 'tests'}      # the conformance kit runs it\n"
-          f"  then change {target / ('kvprof_' + args.name) / 'policy.py'}: the policy decides what the cache holds")
+    steps = [(f"pip install -e {target}", f"registers the entry point: kvprof plugins lists {args.name}"),
+             (f"pytest {target / 'tests'}", "the conformance kit runs it")]
+    width = max(len(command) for command, _ in steps)
+    print(f"created {target}")
+    for command, why in steps:
+        print(f"  {command:<{width}}   # {why}")
+    print(f"  then change {target / ('kvprof_' + args.name) / 'policy.py'}: the policy decides what the cache holds")
     return 0
 
 

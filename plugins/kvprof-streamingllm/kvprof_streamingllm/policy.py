@@ -50,26 +50,31 @@ class StreamingLLMPolicy(CachePolicy):
 
     def after_step(self, batch: Batch, cache: Any) -> None:
         # The runner advances next_positions after this hook: it is the position just attended.
-        self.positions = torch.cat([self.positions, batch.next_positions.unsqueeze(-1)], dim=-1)
+        self.positions = torch.cat([self._tracked(), batch.next_positions.unsqueeze(-1)], dim=-1)
         self._evict(batch, cache)
 
+    def _tracked(self) -> torch.Tensor:
+        assert self.positions is not None, "after_chunk tracks the prompt's positions before any cut or step"
+        return self.positions
+
     def _evict(self, batch: Batch, cache: Any) -> None:
-        slots = self.positions.shape[-1]
+        positions = self._tracked()
+        slots = positions.shape[-1]
         if slots <= self.budget:
             return
         clock = self.runner.clock
         start = clock.now_synced()
         # Rank sinks above everything, then by recency; the top `budget` slots stay.
-        is_sink = (self.positions >= 0) & (self.positions < self.sink_tokens)
-        rank = torch.arange(slots, device=self.positions.device) + slots * is_sink
+        is_sink = (positions >= 0) & (positions < self.sink_tokens)
+        rank = torch.arange(slots, device=positions.device) + slots * is_sink
         keep = rank.topk(self.budget, dim=-1).indices.sort(dim=-1).values
         dropped = torch.ones_like(is_sink).scatter_(1, keep, False)
-        dropped_positions = self.positions[dropped].view(batch.size, -1).tolist()
+        dropped_positions = positions[dropped].view(batch.size, -1).tolist()
         slot_bytes = sum(_nbytes(layer) for layer in cache.layers) // (batch.size * slots)
         for layer in cache.layers:
             layer.keys, layer.values = _gather_slots(layer.keys, keep), _gather_slots(layer.values, keep)
         batch.attention_mask = batch.attention_mask.gather(1, keep)
-        self.positions = self.positions.gather(1, keep)
+        self.positions = positions.gather(1, keep)
         end = clock.now_synced()
         self._report(batch, start, end, dropped_positions, slot_bytes)
 
@@ -82,12 +87,13 @@ class StreamingLLMPolicy(CachePolicy):
         for request, positions in zip(batch.requests, dropped):
             tokens = [p for p in positions if p != PADDING]
             pads = len(positions) - len(tokens)
-            where = dict(request_id=request.request_id, step=step, src_medium=Medium.DEVICE.value)
             if tokens:
                 profiler.emit_evict(start, end, reason="streamingllm", tokens=len(tokens),
-                                    bytes=len(tokens) * slot_bytes, positions=[tokens], **where)
+                                    bytes=len(tokens) * slot_bytes, positions=[tokens],
+                                    request_id=request.request_id, step=step, src_medium=Medium.DEVICE.value)
             if pads:  # rows shorter than the batch's longest lose padding slots too
-                profiler.emit_evict(start, end, reason="padding", tokens=pads, bytes=pads * slot_bytes, **where)
+                profiler.emit_evict(start, end, reason="padding", tokens=pads, bytes=pads * slot_bytes,
+                                    request_id=request.request_id, step=step, src_medium=Medium.DEVICE.value)
 
 
 def _nbytes(layer: Any) -> int:
