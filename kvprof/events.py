@@ -28,7 +28,8 @@ class Kind(str, Enum):
     DECODE_STEP = "decode_step"  # one engine step that produced a token for each running request
     EVICT = "evict"              # KV entries dropped from a tier (not moved elsewhere)
     OFFLOAD = "offload"          # KV entries copied between tiers (device->host store, host->device fetch)
-    PHASE = "phase"              # a timed span of strategy work on the critical path of a step
+    PHASE = "phase"              # a timed span of strategy work on the critical path of a step, or
+                                 # beside it on another stream when ext overlapped=1
     SAMPLE = "sample"            # memory and device telemetry at a moment
     REQUEST_END = "request_end"  # a request finished; start_ns is its arrival, end_ns its last token
     RUN_END = "run_end"          # the run ended (normally or not); ext carries the profiler's own cost
@@ -233,7 +234,9 @@ class OffloadFields(TypedDict, total=False):
 
 
 class PhaseDetail(TypedDict, total=False):
-    """A PHASE event's fields besides `phase`, which `emit_phase` takes first."""
+    """A PHASE event's fields besides `phase`, which `emit_phase` takes first. `ext overlapped=1`
+    marks work on another stream, overlapped with the critical path (analyses report it beside
+    the step's split, not in it)."""
 
     step: Annotated[int | None, "the decode step"]
     layer: Annotated[int | None, "the layer"]

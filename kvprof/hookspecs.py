@@ -175,7 +175,9 @@ def kvprof_phase(event: Event) -> None:
 
     Standard names are in `kvprof.Phase` (speculation, kv_transfer, eviction,
     sync_stall). The breakdown analysis subtracts these from the step; the remainder is decode
-    compute.
+    compute. A span with `ext={"overlapped": 1.0}` ran on another stream, beside the critical
+    path: the breakdown reports it beside the split instead (what it cost the step shows as a
+    stall, such as kv_transfer).
     """
 
 

@@ -267,7 +267,8 @@ def figures_of(result: dict[str, Any]) -> dict[str, Any]:
 
 def decode_split_ms(trace: Trace) -> dict[str, float]:
     """The median decode step's split into phases, ms (kvprof.analysis.breakdown: speculation,
-    kv_transfer (a stall on a copy), eviction, ..., and decode_compute, the rest of the step)."""
+    kv_transfer (a stall on a copy), eviction, ..., and decode_compute, the rest of the step), and
+    `<phase>_overlapped`: the time per step of phases on another stream, beside the split."""
     from kvprof.analysis.breakdown import time_breakdown
     from kvprof.analysis.common import Events
 
@@ -276,6 +277,8 @@ def decode_split_ms(trace: Trace) -> dict[str, float]:
     except Exception:  # noqa: BLE001 - a run without decode steps has no split; the index goes on
         return {}
     split = {name: float(statistics.median(values)) for name, values in per_step["phases_ms"].items() if values}
+    split.update({f"{name}_overlapped": float(statistics.median(values))
+                  for name, values in per_step["overlapped_ms"].items() if values})
     if per_step["duration_ms"]:
         split["step"] = float(statistics.median(per_step["duration_ms"]))
     return split

@@ -30,6 +30,7 @@ from kvprof.analysis.summary import (
     inter_token_latencies_ns,
     summary,
 )
+from kvprof.analysis.tables import breakdown_tables
 from kvprof.errors import NotApplicable
 from kvprof.trace import Trace, read_trace
 
@@ -127,7 +128,7 @@ def test_a_run_of_one_token_has_no_decode_figures(tmp_path):
     assert result["latency_ms"]["tpot"]["count"] == 0 and result["throughput_tokens_per_s"]["decode"] is None
     time = breakdown(trace)["time"]
     assert time["seconds"] == pytest.approx({"prefill": 0.010, "other": 0.002})
-    assert time["per_step"] == {"start_s": [], "duration_ms": [], "phases_ms": {}}
+    assert time["per_step"] == {"start_s": [], "duration_ms": [], "phases_ms": {}, "overlapped_ms": {}}
 
 
 def test_a_trace_without_events_or_requests_is_refused(tmp_path):
@@ -159,6 +160,26 @@ def test_phases_a_run_does_not_have_are_absent(tmp_path):
     time = breakdown(read_trace(write_trace(tmp_path / "p.arrow", plain, run_info())))["time"]
     assert set(time["seconds"]) == {"prefill", "decode_compute", "other"}
     assert time["seconds"]["decode_compute"] == pytest.approx(0.015)
+
+
+def test_overlapped_phases_are_reported_beside_the_split_not_in_it(tmp_path, batch):
+    """Speculation on a side stream (ext overlapped=1) leaves the split as it was; the time its
+    spans cover (their union) is reported beside it, in total and per decode step."""
+    side = {"overlapped": 1.0}
+    events = batch_events()
+    events[6:6] = [ev(Kind.PHASE, 12, 14, phase="speculation", step=0, ext=side),
+                   ev(Kind.PHASE, 13, 14, phase="speculation", step=0, ext=side),  # inside the first
+                   ev(Kind.PHASE, 14.5, 16.5, phase="speculation", step=1, ext=side)]  # across steps 0 and 1
+    time = breakdown(read_trace(write_trace(tmp_path / "o.arrow", events, run_info())))["time"]
+    alone = breakdown(batch)["time"]
+    assert time["seconds"] == pytest.approx(alone["seconds"]) and time["share"] == pytest.approx(alone["share"])
+    assert time["per_step"]["phases_ms"] == alone["per_step"]["phases_ms"]
+    assert time["overlapped"]["seconds"] == pytest.approx({"speculation": 0.004})
+    assert time["overlapped"]["share"] == pytest.approx({"speculation": 4 / 30})
+    assert time["per_step"]["overlapped_ms"] == {"speculation": pytest.approx([2.5, 1.5, 0.0])}
+    assert alone["overlapped"] == {"labels": {}, "seconds": {}, "share": {}}
+    (table, _) = breakdown_tables(breakdown(read_trace(tmp_path / "o.arrow")))
+    assert table.rows[-1][0] == "speculation (beside)" and "not in their 100 %" in table.notes[-1]
 
 
 def test_a_phase_inside_prefill_is_taken_from_prefill(tmp_path):

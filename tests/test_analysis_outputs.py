@@ -10,10 +10,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from analysis_traces import batch_events, batch_trace, retention_trace, run_info, write_trace
+from analysis_traces import batch_events, batch_trace, ev, retention_trace, run_info, write_trace
 from kvprof.analysis import analyze
 from kvprof.analysis.export import TRACKS, perfetto, write_parquet
 from kvprof.cli import main
+from kvprof.events import Kind
 from kvprof.trace import arrow_schema, read_trace
 from kvprof.trace.schema import META_VERSION
 
@@ -145,6 +146,19 @@ def check_chrome_trace(document: dict) -> None:
         source, target = sorted(pair, key=lambda e: e["ph"], reverse=True)
         assert target["bp"] == "e" and target["ts"] >= source["ts"]
     json.dumps(document, allow_nan=False)
+
+
+def test_phases_on_another_stream_get_their_own_track(tmp_path):
+    """Speculation beside the step (ext overlapped=1) overlaps the critical-path phases: on one
+    track the slices would not nest."""
+    events = batch_events()
+    events.insert(6, ev(Kind.PHASE, 12, 16, phase="speculation", step=0, ext={"overlapped": 1.0}))
+    document = perfetto(read_trace(write_trace(tmp_path / "s.arrow", events, run_info())))
+    check_chrome_trace(document)
+    slices = {e["name"]: e for e in document["traceEvents"] if e["ph"] == "X"}
+    assert slices["speculation"]["tid"] == TRACKS["phases beside"]
+    assert slices["eviction bookkeeping"]["tid"] == TRACKS["phases"]
+    assert (slices["speculation"]["ts"], slices["speculation"]["dur"]) == (12_000.0, 4_000.0)
 
 
 def test_perfetto_export_is_a_valid_chrome_trace(tmp_path):

@@ -12,6 +12,11 @@ run's time outside prefill and decode steps (batch set-up, tokenizing, gaps betw
 Phases a run does not have are absent from the result, not zero. Per decode step the same
 split is reported (milliseconds), which is how a stall in one step shows.
 
+A PHASE span marked `ext overlapped=1` ran on another stream beside the critical path (InfiniGen's
+speculation on its side stream): it is not in the split, whose parts add up to the wall time, but
+reported beside it (`overlapped`: the time its spans cover, in total and per decode step). What
+it costs the step is not in its span; a wait for its result is (the kv_transfer stall).
+
 Memory per component over time, at each moment the trace reports memory (events with KV
 bytes resident, and samples), with the latest known value of each source:
 
@@ -35,6 +40,7 @@ from kvprof.analysis.common import (
     NS_PER_MS,
     NS_PER_S,
     Events,
+    ext_values,
     floats,
     ints,
     require_events,
@@ -82,12 +88,16 @@ def _coverage(bounds: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
 
 def time_breakdown(events: Events) -> dict[str, Any]:
     run_start, run_end = run_bounds(events)
-    phases = events.of_kind("phase", ["start_ns", "end_ns", "phase"])
+    phases = events.of_kind("phase", ["start_ns", "end_ns", "phase", "ext"])
     phase_names = strings(phases, "phase")
     phase_starts, phase_ends = _spans(phases)
+    beside = ext_values(phases, "overlapped") == 1.0
+    step_starts, step_ends = _spans(events.of_kind("decode_step", ["start_ns", "end_ns"]))
+    overlapped = _overlapped(phase_names[beside], phase_starts[beside], phase_ends[beside], run_start, run_end,
+                             step_starts, step_ends)
+    phase_names, phase_starts, phase_ends = phase_names[~beside], phase_starts[~beside], phase_ends[~beside]
     present = set(phase_names.tolist())
     named = [p for p in STANDARD_PHASES if p in present] + sorted(p for p in present - set(STANDARD_PHASES) if p)
-    step_starts, step_ends = _spans(events.of_kind("decode_step", ["start_ns", "end_ns"]))
     categories = [(name, phase_starts[phase_names == name], phase_ends[phase_names == name]) for name in named]
     categories.append(("prefill", *_spans(events.of_kind("prefill", ["start_ns", "end_ns"]))))
     categories.append(("decode_compute", step_starts, step_ends))
@@ -108,13 +118,36 @@ def time_breakdown(events: Events) -> dict[str, Any]:
     wall = run_end - run_start
     seconds = {name: float(totals[i] / NS_PER_S) for i, name in enumerate(names)
                if name in has or (name == "other" and totals[i] > 0)}
+    per_step = _per_step(bounds, lengths, owner, names, step_starts, step_ends, run_start)
+    per_step["overlapped_ms"] = overlapped.pop("per_step_ms")
     return {
         "labels": {name: PHASE_LABELS.get(name, name) for name in seconds},
         "seconds": seconds,
         "share": {name: (value * NS_PER_S / wall if wall > 0 else None) for name, value in seconds.items()},
         "wall_seconds": float(wall / NS_PER_S),
-        "per_step": _per_step(bounds, lengths, owner, names, step_starts, step_ends, run_start),
+        "per_step": per_step,
+        "overlapped": {**overlapped, "share": {name: (value * NS_PER_S / wall if wall > 0 else None)
+                                               for name, value in overlapped["seconds"].items()}},
     }
+
+
+def _overlapped(names: np.ndarray, starts: np.ndarray, ends: np.ndarray, run_start: int, run_end: int,
+                step_starts: np.ndarray, step_ends: np.ndarray) -> dict[str, Any]:
+    """Per name of the spans beside the critical path: the time they cover (their union, seconds)
+    and, per decode step in time order, the part of it inside the step (ms)."""
+    result: dict[str, Any] = {"labels": {}, "seconds": {}, "per_step_ms": {}}
+    for name in dict.fromkeys(names.tolist()):
+        chosen_starts = np.clip(starts[names == name], run_start, run_end)
+        chosen_ends = np.clip(ends[names == name], run_start, run_end)
+        steps = np.clip(np.concatenate([step_starts, step_ends]), run_start, run_end)  # a span may cross steps
+        bounds = np.unique(np.concatenate([chosen_starts, chosen_ends, steps, [run_start, run_end]]))
+        covered = _coverage(bounds, chosen_starts, chosen_ends).astype(np.int64)
+        lengths = np.diff(bounds)
+        result["labels"][name] = PHASE_LABELS.get(name, name)
+        result["seconds"][name] = float(lengths[covered == 1].sum() / NS_PER_S)
+        in_steps = _per_step(bounds, lengths, 1 - covered, [name, "other"], step_starts, step_ends, run_start)
+        result["per_step_ms"][name] = in_steps["phases_ms"].get(name, [0.0] * len(step_starts))
+    return result
 
 
 def _per_step(bounds: np.ndarray, lengths: np.ndarray, owner: np.ndarray, names: list[str],

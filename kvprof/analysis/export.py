@@ -6,6 +6,7 @@ A kvprof run becomes one process with these tracks:
 
     steps           X slices: prefill (one per distinct span) and each decode step
     phases          X slices: speculation, kv_transfer, eviction, sync_stall, a plugin's own
+    phases beside   X slices: phases on another stream, overlapped with the above (ext overlapped=1)
     copies <dir>    X slices: each offload copy, one track per direction (store, fetch)
     evictions       X slices: each evict event (zero-length ones show as thin marks)
     requests        async slices (b/e) from arrival to last token, one per request
@@ -36,7 +37,8 @@ from kvprof.analysis.summary import transfer_direction
 from kvprof.trace import Trace, replaced_on_success
 
 PID = 1
-TRACKS = {"steps": 1, "phases": 2, "copies store": 3, "copies fetch": 4, "copies other": 5, "evictions": 6}
+TRACKS = {"steps": 1, "phases": 2, "copies store": 3, "copies fetch": 4, "copies other": 5, "evictions": 6,
+          "phases beside": 7}
 MAX_FLOWS = 100_000  # arrows beyond this are left out (the UI slows down long before)
 
 
@@ -98,9 +100,13 @@ def _step_slices(events: Events, timeline: Timeline) -> list[dict[str, Any]]:
 
 
 def _phase_slices(events: Events, timeline: Timeline) -> list[dict[str, Any]]:
-    rows = _rows(events.of_kind("phase", ["start_ns", "end_ns", "phase", "step", "layer"]))
-    return [timeline.slice(PHASE_LABELS.get(row["phase"], row["phase"] or "phase"), "phases",
-                           row.pop("start_ns"), row.pop("end_ns"), "phase", row) for row in rows]
+    """Critical-path phases on one track; phases on another stream (they overlap those) on their own."""
+    phases = events.of_kind("phase", ["start_ns", "end_ns", "phase", "step", "layer", "ext"])
+    beside = (ext_values(phases, "overlapped") == 1).tolist()
+    return [timeline.slice(PHASE_LABELS.get(row["phase"], row["phase"] or "phase"),
+                           "phases beside" if on_side else "phases", row.pop("start_ns"), row.pop("end_ns"), "phase",
+                           row)
+            for row, on_side in zip(_rows(phases.drop_columns(["ext"])), beside)]
 
 
 def _copy_slices(events: Events, timeline: Timeline) -> list[dict[str, Any]]:

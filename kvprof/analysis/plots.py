@@ -314,6 +314,9 @@ def step_times(plt: Any, run: RunAnalysis) -> Any:
     steps = np.arange(len(per_step["duration_ms"]))
     ax.stackplot(steps, *(phases[name] for name in phases), labels=[PHASE_LABELS.get(n, n) for n in phases],
                  colors=[PHASE_COLORS.get(name, f"C{i}") for i, name in enumerate(phases)])
+    for i, (name, values) in enumerate(per_step.get("overlapped_ms", {}).items()):  # not part of the stack
+        ax.plot(steps, values, linestyle="--", color=PHASE_COLORS.get(name, f"C{i}"),
+                label=f"{PHASE_LABELS.get(name, name)} (beside, another stream)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decode step (run order)")
     ax.set_ylabel("ms")

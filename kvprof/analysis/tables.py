@@ -157,11 +157,18 @@ def summary_tables(result: dict[str, Any]) -> list[Table]:
 
 def breakdown_tables(result: dict[str, Any]) -> list[Table]:
     time = result["time"]
+    beside = time.get("overlapped", {"seconds": {}})
+    notes = [f"run wall time {time['wall_seconds']:.3f} s; phases absent from a run are not listed"]
+    if beside["seconds"]:
+        notes.append("'beside': work on another stream, overlapped with the rows above (not in their 100 %); "
+                     "what it cost the steps shows as their stalls")
     tables = [Table(
         "Time breakdown", ["phase", "time", "share"],
         [[time["labels"][name], Q(seconds, "s"), Q(time["share"][name], "share")]
-         for name, seconds in time["seconds"].items()],
-        notes=[f"run wall time {time['wall_seconds']:.3f} s; phases absent from a run are not listed"],
+         for name, seconds in time["seconds"].items()]
+        + [[f"{beside['labels'][name]} (beside)", Q(seconds, "s"), Q(beside["share"][name], "share")]
+           for name, seconds in beside["seconds"].items()],
+        notes=notes,
     )]
     memory = result["memory"]
     if memory["components"]:

@@ -20,9 +20,10 @@ memory) with layers 2+ fetched by speculation. Per decode step, inside one CUDA 
 
 Buffers alternate by layer parity; the order of the pre-hook (layer t+1 starts after layer t's
 attention was queued) makes that safe without further events. Phases come from GPU-timer
-stamps into a per-step row of pinned memory (`StepLog`): speculation (side stream), the gather
-(copy stream) and the compute stream's wait for it (KV_TRANSFER when it had to wait); the count
-goes there too. The host turns finished steps into events (`drain`).
+stamps into a per-step row of pinned memory (`StepLog`): speculation (side stream; its PHASE
+events say `ext overlapped=1`, so analyses report them beside the step's critical-path split),
+the gather (copy stream) and the compute stream's wait for it (KV_TRANSFER when it had to wait);
+the count goes there too. The host turns finished steps into events (`drain`).
 
 The selection and the tokens are those of the eager implementation (`policy.InfiniGenPolicy`, the
 transliteration of the authors' rule), which stays as the reference (`--opt engine=eager`).
@@ -404,15 +405,23 @@ class StaticInfiniGenPolicy(StaticOffloadPolicy):
             count = row[self._column(layer, COUNT)]
             spans.append((at(row[self._column(layer, SPEC_START)]), at(row[self._column(layer, SPEC_END)]), layer,
                           count))
+        # On the side stream the spans overlap the step's own work: they are reported beside its
+        # split (what speculation costs the step shows as the wait for its gather, kv_transfer).
+        beside = {"overlapped": 1.0} if self.speculates_beside else {}
         if detail != "step":
             for start, end, layer, count in spans:
                 profiler.emit_phase(Phase.SPECULATION.value, start, end, step=step, layer=layer, batch_size=batch.size,
-                                    tokens=count, ext={"selected_tokens": float(count)})
+                                    tokens=count, ext={"selected_tokens": float(count), **beside})
             return
         first = min(s for s, _, _, _ in spans)
         total = sum(e - s for s, e, _, _ in spans)
         profiler.emit_phase(Phase.SPECULATION.value, first, first + total, step=step, batch_size=batch.size,
-                            tokens=sum(c for _, _, _, c in spans), ext={"spans": float(len(spans))})
+                            tokens=sum(c for _, _, _, c in spans), ext={"spans": float(len(spans)), **beside})
+
+    @property
+    def speculates_beside(self) -> bool:
+        """Whether speculation runs on the side stream, overlapped with the compute stream (CUDA)."""
+        return self.spec_stream is not None and not (self.switches.on_main_stream or self.switches.fixed_selection)
 
     # --- memory ------------------------------------------------------------------------------------
 
