@@ -103,6 +103,8 @@ class LiveDisplay:
             self.stage.update(self._stage, description=description, total=1, completed=1)
         else:
             self.stage.reset(self._stage, description=description, total=None)
+        if self._live.is_started:  # drawn now: a stage shorter than the refresh period is seen too
+            self._live.refresh()
 
     @hookimpl
     def kvprof_run_start(self, run: RunInfo) -> None:

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 import kvprof
-from kvprof import WorkloadParams, WorkloadSpec, cli, hookimpl
+from kvprof import RunInfo, WorkloadParams, WorkloadSpec, cli, hookimpl
 from kvprof.display import LiveDisplay
 from kvprof.plugins import load_plugins
 from kvprof.session import TraceSettings, run_trace
@@ -121,6 +121,17 @@ def test_live_display_shows_the_stages_and_the_totals(tmp_path):
     assert "full: done" in text
     assert "3/3" in text and "requests" in text        # every request prefilled
     assert "9/9" in text and "tokens" in text          # 3 requests x (4 - 1) decode tokens
+
+
+def test_every_stage_is_drawn_however_short():
+    """A stage that ends before the display's next timed refresh (a cached model's load) is drawn too."""
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, record=True)
+    run = RunInfo(strategy="full", model={}, workload={}, options={}, device="cpu")
+    with LiveDisplay(console) as display:
+        for stage in ("loading", "allocating", "warming up"):
+            display.kvprof_status(run=run, message=stage)
+    text = console.export_text()
+    assert all(f"full: {stage}" in text for stage in ("loading", "allocating", "warming up"))
 
 
 def test_no_live_display_off_a_terminal_unless_asked():
