@@ -45,7 +45,6 @@ SMOKE_PROMPTS = ("--prompt-len", "32,64")
 SMOKE_BATCHES = ("--prompt-len", "32", "--batch-size", "1,2")
 
 
-
 def skip(*strategies: str) -> tuple[str, ...]:
     return tuple(arg for name in strategies for arg in ("--skip-plugin", name))
 
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, sweeps in PARTS.items():
-            print(f"{name}: ~{sum(grid_estimate(s, False) for s in sweeps):.0f} s   "
+            print(f"{name}: ~{sum(grid_estimate(s) for s in sweeps):.0f} s   "
                   f"{', '.join(s.folder for s in sweeps)}")
         return 0
     if args.part is None:
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     log = out / f"sweeps-{args.part}.log"
     sweeps = PARTS[args.part]
     started = time.monotonic()
-    total = sum(grid_estimate(s, False) for s in sweeps)
+    total = sum(grid_estimate(s) for s in sweeps)
     print(f"{args.part}: estimated {total:.0f} s on the H200{' (this smoke run: seconds)' if args.smoke else ''}, "
           f"deadline {args.deadline:.0f} s", flush=True)
     folders = []
@@ -216,17 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         left = args.deadline - (time.monotonic() - started)
         ended = run_grid(sweep, grid, folder, log, left) if left > 30 else "not started: no time left"
         print(f"{sweep.folder}: {ended} after {time.monotonic() - started:.0f} s "
-              f"(H200 estimate {grid_estimate(sweep, False):.0f} s)", flush=True)
+              f"(H200 estimate {grid_estimate(sweep):.0f} s)", flush=True)
     pack([f for f in folders if f.is_dir()], out / f"sweeps-{args.part}.tar.gz")
     print(f"{args.part}: packed {out / f'sweeps-{args.part}.tar.gz'} after {time.monotonic() - started:.0f} s")
     return 0
 
 
-def grid_estimate(sweep: Sweep, smoke: bool) -> float:
-    """Seconds on the H200 (by the constants above); 0 for a smoke run (no CPU figures to estimate from)."""
-    grid = grid_args(sweep, smoke)
-    repeats = int(option(["--repeats", "3", *grid], "--repeats", "3"))
-    return 0.0 if smoke else estimate(sweep, grid, model_of(sweep, grid), repeats)
+def grid_estimate(sweep: Sweep) -> float:
+    """Seconds of a grid's H200 run (by the constants above; a smoke run has no estimate)."""
+    grid = grid_args(sweep, smoke=False)
+    repeats = int(option(grid, "--repeats", "3"))
+    return estimate(sweep, grid, model_of(sweep, grid), repeats)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kvprof.analysis.common import nested_number
 from kvprof.analysis.results import result_path, write_result
 from kvprof.errors import UsageError
 from kvprof.models import resolve_model
@@ -256,13 +257,7 @@ def is_out_of_memory(error: str) -> bool:
 
 def figures_of(result: dict[str, Any]) -> dict[str, Any]:
     """INDEX_FIGURES of a result document (None where the run has no such figure)."""
-    figures: dict[str, Any] = {}
-    for name, keys in INDEX_FIGURES.items():
-        value: Any = result.get("summary") or {}
-        for key in keys:
-            value = value.get(key) if isinstance(value, dict) else None
-        figures[name] = value
-    return figures
+    return {name: nested_number(result, "summary", *keys) for name, keys in INDEX_FIGURES.items()}
 
 
 def decode_split_ms(trace: Trace) -> dict[str, float]:

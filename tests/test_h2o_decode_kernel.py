@@ -6,10 +6,8 @@ finish kernel over one block of slots or several."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
-import pytest
+from triton_interpreter import run_interpreted
 
 SCRIPT = """
 import sys
@@ -73,9 +71,7 @@ print("ok")
 
 
 def test_the_fused_decode_kernels_step_as_the_torch_path() -> None:
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)
+    done = run_interpreted(SCRIPT)
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
@@ -122,7 +118,5 @@ def test_a_run_with_the_decode_kernels_evicts_what_the_torch_step_evicts() -> No
     """The fast engine's h2o on tiny-llama (GQA, batch 2 of different lengths, 7 new tokens) with
     the decode kernels (in the interpreter) and with the torch step: the same tokens generated
     and the same evict events."""
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", RUN_SCRIPT, os.path.dirname(__file__)],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    done = run_interpreted(RUN_SCRIPT, os.path.dirname(__file__))
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]

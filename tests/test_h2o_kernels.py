@@ -3,11 +3,7 @@ against the torch pass that the CPU and the eager reference use."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import pytest
+from triton_interpreter import run_interpreted
 
 SCRIPT = """
 import torch
@@ -39,7 +35,5 @@ print("ok")
 
 
 def test_the_triton_prefill_mass_equals_the_torch_pass() -> None:
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)
+    done = run_interpreted(SCRIPT)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]

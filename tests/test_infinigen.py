@@ -24,6 +24,7 @@ from kvprof_infinigen.skewing import skew_from
 from kvprof_transformers.loading import LoadedModel, load_model
 from kvprof_transformers.runner import CachePolicy, FullCachePolicy
 from transformers_runs import build_requests, offload_events, run_policy
+from triton_interpreter import run_interpreted
 
 
 def infinigen_policy(loaded: LoadedModel, **options: object) -> CachePolicy:
@@ -186,10 +187,6 @@ def test_the_fast_engine_selects_what_the_eager_reference_selects_on_smollm2(smo
 def test_the_triton_row_gather_in_the_interpreter(tmp_path: Path) -> None:
     """The GPU gather kernel, run by Triton's interpreter on the CPU, against a plain gather:
     only the first `count` rows are written."""
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
-
     script = (
         "import torch\n"
         "from kvprof_transformers import host_store as hs\n"
@@ -203,10 +200,7 @@ def test_the_triton_row_gather_in_the_interpreter(tmp_path: Path) -> None:
         "assert torch.equal(dk[:, :, :35], k.gather(2, i)) and torch.equal(dv[:, :, :35], v.gather(2, i))\n"
         "assert (dk[:, :, 35:] == 0).all() and (dv[:, :, 35:] == 0).all()\n"
         "print('ok')\n")
-    import os
-
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)
+    done = run_interpreted(script)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
@@ -217,11 +211,6 @@ def test_the_fused_selection_kernels_in_the_interpreter() -> None:
     several (a 64-slot load), with many exact ties (integer scores), NaN and inf in the keys of
     slots not held yet, NaN in the scratch and junk in the counts before the call, count 0,
     count = held and a cap below the count (the bisection: at ties and count 0)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import torch\n"
         "from kvprof_infinigen import selection as sel\n"
@@ -264,8 +253,7 @@ def test_the_fused_selection_kernels_in_the_interpreter() -> None:
         "assert counts[1] == 7 and counts[2] == 227 and counts[5] == 60 and counts[6] == 0, counts\n"
         "assert 0 < counts[3] < 120 and 0 < counts[4] < 90, counts\n"
         "print('ok', counts)\n")
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
+    done = run_interpreted(script, timeout=600)
     assert done.stdout.strip().startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
 
 
@@ -276,11 +264,6 @@ def test_the_fused_speculative_query_in_the_interpreter() -> None:
     itself), at batch 1 and 3 (cos/sin per row or one row for all), a head_dim that is not a power
     of 2, and large angles; select_fused over that strided partial query selects what it selects
     over the contiguous einsum result."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
     script = (
         "import torch\n"
         "from transformers.models.llama.modeling_llama import apply_rotary_pos_emb\n"
@@ -317,8 +300,7 @@ def test_the_fused_speculative_query_in_the_interpreter() -> None:
         "            picks.append((int(count), pos))\n"
         "        assert picks[0][0] == picks[1][0] > 0 and torch.equal(picks[0][1], picks[1][1]), dtype\n"
         "print('ok')\n")
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
+    done = run_interpreted(script, timeout=600)
     assert done.stdout.strip().startswith("ok"), done.stdout[-1000:] + done.stderr[-2000:]
 
 
